@@ -1,0 +1,78 @@
+"""Every error MedSight raises on purpose derives from :class:`MedSightError`.
+
+The CLI turns these into a one-line message and a non-zero exit code; the service
+turns them into 4xx responses. Keeping them in one module means a caller can
+catch exactly the failure it can handle ("this file is not an image") without
+string matching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedSightError(Exception):
+    """Base class for expected, user-facing failures."""
+
+
+class ImageReadError(MedSightError):
+    """An input file could not be turned into an image; ``reason`` says why."""
+
+    reason = "unreadable image"
+
+    def __init__(self, path: str | Path | None, detail: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.detail = detail
+        where = f"{self.path}: " if self.path else ""
+        extra = f" ({detail})" if detail else ""
+        super().__init__(f"{where}{self.reason}{extra}")
+
+
+class EmptyFileError(ImageReadError):
+    reason = "file is empty"
+
+
+class NotAnImageError(ImageReadError):
+    reason = "not a recognised image format (DICOM, PNG, JPEG, TIFF, NIfTI)"
+
+
+class NoPixelDataError(ImageReadError):
+    reason = "DICOM file has no pixel data"
+
+
+class TruncatedPixelDataError(ImageReadError):
+    reason = "pixel data is truncated or shorter than the header declares"
+
+
+class UnsupportedImageError(ImageReadError):
+    reason = "image layout is not supported"
+
+
+class DecoderUnavailableError(ImageReadError):
+    reason = "no installed decoder can decompress this transfer syntax"
+
+
+class UnknownModelError(MedSightError):
+    def __init__(self, name: str, available: list[str]):
+        self.name = name
+        self.available = available
+        super().__init__(
+            f"unknown model {name!r}: not a zoo name and not a model package directory; "
+            f"available: {', '.join(available) or 'none'}"
+        )
+
+
+class ModelIntegrityError(MedSightError):
+    """The weights on disk are not the ones the card was written for."""
+
+
+class ModelCardError(MedSightError):
+    """A model card is missing fields or holds values that cannot be used."""
+
+
+class DataSetError(MedSightError):
+    """A data set is empty, malformed, or does not match the model."""
+
+
+class MetricNotComputableError(MedSightError):
+    """A metric is undefined for the given data (e.g. AUC with one class present)."""

@@ -1,0 +1,1 @@
+"""Metrics, calibration and thresholds for judging a model on labelled data."""

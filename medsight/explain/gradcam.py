@@ -1,0 +1,32 @@
+"""Grad-CAM heat maps through MONAI's maintained implementation (``monai.visualize.GradCAM``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
+
+from medsight.models.networks import FEATURE_LAYER, Classifier
+
+
+def gradcam(network: Classifier, x: torch.Tensor, class_idx: int | list[int]) -> np.ndarray:
+    """Heat maps in [0, 1] at the network's input size: (B, S, S) for a (B, C, S, S) batch.
+
+    MONAI normalises each map to [0, 1] per image; a flat map (no evidence) stays 0.
+    """
+    cam = GradCAM(nn_module=network, target_layers=f"net.{FEATURE_LAYER}")
+    was_training = network.training
+    network.eval()
+    idx = torch.as_tensor(class_idx).reshape(-1)
+    with torch.enable_grad():
+        maps = [cam(x[i : i + 1].clone(), class_idx=int(idx[i] if len(idx) > 1 else idx[0])) for i in range(len(x))]
+    network.train(was_training)
+    out = torch.cat(maps)[:, 0].detach().numpy()
+    return np.nan_to_num(out, nan=0.0).clip(0.0, 1.0).astype(np.float32)
+
+
+def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one (S, S) map to an image's own resolution."""
+    t = torch.from_numpy(heatmap)[None, None]
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy().clip(0, 1)

@@ -1,0 +1,127 @@
+"""The model card: everything needed to use, trust and reproduce a model.
+
+A card travels with its weights in one directory (a *model package*). It is the
+single source of truth for preprocessing, calibration and thresholds, so the CLI,
+the service and the DICOM gateway cannot disagree about how a model is run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["binary", "multiclass", "multilabel"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputSpec(_Strict):
+    """How an image is turned into the network's input tensor."""
+
+    size: int = Field(gt=0, description="square side in pixels the image is resized to")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "InputSpec":
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean/std need one value per input channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class Architecture(_Strict):
+    """A network that :func:`medsight.models.networks.build_network` can build."""
+
+    name: Literal["resnet"] = "resnet"
+    layers: list[int] = [2, 2, 2, 2]
+    widths: list[int] = [32, 64, 128, 256]
+    stem_kernel: int = 3
+    stem_stride: int = 1
+    max_pool: bool = False
+    dropout: float = 0.0
+
+
+class Calibration(_Strict):
+    method: Literal["none", "temperature"] = "temperature"
+    temperature: float = Field(default=1.0, gt=0)
+    fitted_on: str | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+
+
+class ConfidencePolicy(_Strict):
+    """When a prediction should be referred to a human instead of reported."""
+
+    refer_below: float = Field(default=0.70, ge=0, le=1, description="refer when the top calibrated probability is below this")
+
+
+class MetricValue(_Strict):
+    value: float | None
+    ci: list[float | None] | None = None
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str = "1.0.0"
+    task: Task
+    labels: list[str]
+    positive_label: str | None = Field(default=None, description="binary only: the finding the model looks for")
+    critical_findings: list[str] = []
+    modality: str
+    body_part: str
+    description: str = ""
+    architecture: Architecture
+    input: InputSpec
+    calibration: Calibration = Calibration()
+    thresholds: dict[str, float] = {}
+    confidence: ConfidencePolicy = ConfidencePolicy()
+    ood: dict[str, Any] | None = None
+    training: dict[str, Any] = {}
+    validation_metrics: dict[str, MetricValue] = {}
+    test_metrics: dict[str, MetricValue] = {}
+    published_baselines: dict[str, Any] = {}
+    intended_use: str = ""
+    limitations: list[str] = []
+    weights_file: str = "weights.safetensors"
+    weights_sha256: str = ""
+    medsight_version: str = ""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("a classifier needs at least two labels")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelCard":
+        if self.task == "binary":
+            if len(self.labels) != 2:
+                raise ValueError("a binary model has exactly two labels")
+            if self.positive_label is None:
+                self.positive_label = self.labels[1]
+            if self.positive_label not in self.labels:
+                raise ValueError(f"positive_label {self.positive_label!r} is not one of {self.labels}")
+        unknown = [f for f in self.critical_findings if f not in self.labels]
+        if unknown:
+            raise ValueError(f"critical findings {unknown} are not model labels")
+        return self
+
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class for a binary model."""
+        if self.task != "binary":
+            raise ValueError("positive_index only applies to binary models")
+        return self.labels.index(self.positive_label)  # type: ignore[arg-type]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)

@@ -1,0 +1,1 @@
+"""The single inference path shared by library, CLI, service and DICOM gateway."""

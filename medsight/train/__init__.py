@@ -1,0 +1,1 @@
+"""Training and fine-tuning recipes that produce model packages."""
