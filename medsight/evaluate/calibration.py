@@ -34,7 +34,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, multilabel: bool = False)
     with torch.no_grad():
         before = float(_nll(z, t, multilabel))
     opt.step(closure)
-    temp = float(log_t.exp().clamp(0.05, 20.0))
+    temp = float(log_t.detach().exp().clamp(0.05, 20.0))
     with torch.no_grad():
         after = float(_nll(z / temp, t, multilabel))
     if after > before:  # never make calibration worse than leaving logits alone
