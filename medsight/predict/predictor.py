@@ -20,6 +20,7 @@ from medsight.io.datasets import LabeledDataset
 from medsight.io.image import MedImage
 from medsight.models.package import ModelPackage
 from medsight.models.preprocess import batch_to_tensor
+from medsight.predict.ood import load_ood
 from medsight.predict.result import Prediction, PredictionError
 
 ImageLike = str | Path | MedImage | np.ndarray
@@ -41,6 +42,7 @@ class Predictor:
         self.card = package.card
         self.network = package.network.eval()
         self._multilabel = self.card.task == "multilabel"
+        self.ood = load_ood(package)  # None when the card has no OOD detector
 
     @property
     def model_id(self) -> str:
@@ -108,8 +110,9 @@ class Predictor:
             p = probabilities(self.logits(x), self.card.calibration.temperature, self._multilabel)
             decisions = [self.decide(row) for row in p]
             maps = gradcam(self.network, x, [d[2] for d in decisions]) if explain else [None] * len(images)
+            ood = self.ood.score(self.network, x) if self.ood is not None else [None] * len(images)
             made = iter(
-                self._prediction(img, row, dec, m) for img, row, dec, m in zip(images, p, decisions, maps)
+                self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
             )
             slots = [next(made) if s is None else s for s in slots]
         return slots  # type: ignore[return-value]
@@ -125,13 +128,17 @@ class Predictor:
         if buf:
             yield from self.predict_batch(buf, explain, raise_errors=False)
 
-    def _prediction(self, image: MedImage, p: np.ndarray, decision: tuple[str, float, int], cam: np.ndarray | None) -> Prediction:
+    def _prediction(self, image: MedImage, p: np.ndarray, decision: tuple[str, float, int], cam: np.ndarray | None,
+                    ood_score: float | None = None) -> Prediction:
         label, conf, k = decision
         refer, text = self.statement(label, conf)
+        if ood_score is not None and self.ood is not None and bool(self.ood.flags(ood_score)):
+            refer, text = True, self.ood.statement(float(ood_score))
         heat = resize_map(cam, image.height, image.width) if cam is not None else None
         return Prediction(
             source=image.source, model=self.model_id, label=label,
             probabilities={n: float(v) for n, v in zip(self.card.labels, p)},
             confidence=conf, refer=refer, statement=text, heatmap=heat,
             heatmap_label=self.card.labels[k] if cam is not None else None, image=image,
+            ood_score=None if ood_score is None else float(ood_score),
         )
