@@ -76,3 +76,27 @@ class DataSetError(MedSightError):
 
 class MetricNotComputableError(MedSightError):
     """A metric is undefined for the given data (e.g. AUC with one class present)."""
+
+
+class DicomGatewayError(MedSightError):
+    """Hospital integration (de-identification, DICOM network, result export) failed in an expected way."""
+
+
+class SiteKeyError(DicomGatewayError):
+    """The site secret key for de-identification is missing, unreadable or too short."""
+
+
+class BurnedInAnnotationError(DicomGatewayError):
+    """The image says identifying text is burned into its pixels, and that was not explicitly allowed."""
+
+
+class DeidentificationError(DicomGatewayError):
+    """A file could not be de-identified (not DICOM, unreadable, or cannot be written back)."""
+
+
+class DicomSendError(DicomGatewayError):
+    """Results could not be delivered to the configured destination (they stay in the outbox)."""
+
+
+class ResultExportError(DicomGatewayError):
+    """A prediction cannot be turned into a DICOM SR / Secondary Capture / FHIR / HL7 message."""
