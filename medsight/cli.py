@@ -264,6 +264,15 @@ from medsight.dicom.cli import deid_cmd, dicom_app  # noqa: E402  (hospital inte
 app.command("deid")(deid_cmd)
 
 
+from medsight.serve.cli import audit_app, db_app, export_reviews_cmd, serve_cmd, users_app, worker_cmd  # noqa: E402  (clinical service)
+app.command("serve")(serve_cmd)
+app.command("worker")(worker_cmd)
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
+app.command("export-reviews")(export_reviews_cmd)
+app.add_typer(db_app, name="db")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

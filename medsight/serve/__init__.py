@@ -1,0 +1,16 @@
+"""The clinical service: upload, background analysis, triage worklist, human review, audit.
+
+Everything is built from a :class:`~medsight.serve.config.ServiceSettings` object
+(``create_app(settings)``, ``Worker(settings)``); nothing reads global state, so
+tests, the CLI and the benchmark each run fully isolated services side by side.
+"""
+
+from medsight.serve.config import ServiceSettings
+
+__all__ = ["ServiceSettings", "create_app"]
+
+
+def create_app(settings: ServiceSettings | None = None):  # noqa: ANN201 - FastAPI imported lazily
+    from medsight.serve.api import create_app as _create
+
+    return _create(settings)

@@ -1,0 +1,121 @@
+"""One analysis job: every image of a study through the core :class:`~medsight.predict.predictor.Predictor`.
+
+The service never re-implements inference: it hands stored files to the same
+``Predictor`` the CLI uses, then stores what that returns. Derived images
+(display PNG, heat-map overlay, bare heat map) are written to content-addressed
+storage before the transaction that records the results, and that transaction
+also completes the job conditionally on the worker still holding its lease.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from medsight.explain.overlay import save_heatmap, save_overlay
+from medsight.io.image import MedImage
+from medsight.models.card import ModelCard
+from medsight.predict.result import Prediction, PredictionError
+from medsight.serve.audit import Actor, record
+from medsight.serve.catalog import finding_labels
+from medsight.serve.context import ServiceContext
+from medsight.serve.db import Instance, Result, Study, utcnow
+from medsight.serve.jobs import Lease
+from medsight.serve.triage import base_score, critical_probability
+
+
+class LeaseLost(Exception):
+    """The worker's lease expired and the job was claimed elsewhere: its results must not be written."""
+
+
+class AnalysisFailed(Exception):
+    """The study cannot be analysed (unreadable image at analysis time, model gone): retrying will not help."""
+
+
+def display_png(image: MedImage) -> bytes:
+    """The image as the radiologist sees it (readers already applied LUTs/windowing), 8-bit PNG."""
+    px = image.to_uint8()
+    arr = px[..., 0] if px.shape[-1] == 1 else px
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=3)
+    return buf.getvalue()
+
+
+def is_critical(card: ModelCard, pred: Prediction) -> bool:
+    if pred.label in card.critical_findings:
+        return True
+    if card.task == "multilabel":
+        return any(pred.probabilities.get(f, 0.0) >= card.thresholds.get(f, 0.5) for f in card.critical_findings)
+    return False
+
+
+def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
+    """Run the study's model on each instance, store results, complete the job. Raises LeaseLost / AnalysisFailed."""
+    with ctx.db.session() as s:
+        study = s.get(Study, lease.study_id)
+        if study is None:
+            raise AnalysisFailed(f"study {lease.study_id} no longer exists")
+        study.status = "analysing"
+        model_name = study.model
+        instances = [(i.id, i.file_sha256) for i in s.execute(
+            select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)).scalars()]
+    try:
+        predictor = ctx.catalog.predictor(model_name)
+    except Exception as e:  # model removed or corrupted since upload
+        raise AnalysisFailed(f"model {model_name!r} cannot be loaded: {e}") from e
+    card = predictor.card
+    paths = [ctx.store.path_for(sha) for _, sha in instances]
+    preds = predictor.predict_batch(paths, explain=True, raise_errors=False)
+    errors = [p for p in preds if isinstance(p, PredictionError)]
+    if errors:
+        raise AnalysisFailed("; ".join(f"{e.kind}: {e.error}" for e in errors))
+
+    stored = []
+    with tempfile.TemporaryDirectory(dir=ctx.store.tmp_dir) as tmp:
+        for (inst_id, _), pred in zip(instances, preds):
+            assert isinstance(pred, Prediction) and pred.image is not None
+            disp = ctx.store.put_bytes(display_png(pred.image))
+            over = heat = None
+            if pred.heatmap is not None:
+                # alpha=1: the web page blends the overlay over the image with its own opacity slider.
+                over = ctx.store.put_file(save_overlay(pred.image, pred.heatmap, Path(tmp) / f"{inst_id}_o.png", alpha=1.0))
+                heat = ctx.store.put_file(save_heatmap(np.clip(pred.heatmap, 0, 1), Path(tmp) / f"{inst_id}_h.png"))
+            stored.append((inst_id, pred, disp, over, heat))
+
+    w = ctx.settings.triage
+    with ctx.db.session() as s:
+        if not ctx.queue.complete(s, lease):
+            raise LeaseLost(f"job {lease.job_id}: lease lost before results were written")
+        study = s.get(Study, lease.study_id)
+        results = []
+        for inst_id, pred, disp, over, heat in stored:
+            pc = critical_probability(card, pred.probabilities)
+            r = Result(
+                study_id=study.id, instance_id=inst_id, job_id=lease.job_id, model=pred.model, label=pred.label,
+                labels=list(card.labels), task=card.task, findings=finding_labels(card),
+                probabilities=pred.probabilities, confidence=pred.confidence, refer=pred.refer, statement=pred.statement,
+                critical_probability=pc, critical=is_critical(card, pred), heatmap_label=pred.heatmap_label,
+                display_sha256=disp, overlay_sha256=over, heatmap_sha256=heat, created_by=lease.owner,
+            )
+            s.add(r)
+            results.append(r)
+        s.flush()
+        key = max(results, key=lambda r: (r.critical_probability, r.refer))
+        study.status, study.analysed_at, study.error = "analysed", utcnow(), None
+        study.critical_probability = key.critical_probability
+        study.refer = any(r.refer for r in results)
+        study.critical = any(r.critical for r in results)
+        study.finding = key.label
+        study.priority_base = base_score(w, study.requested_priority, study.critical_probability, study.refer)
+        record(s, Actor(f"worker:{lease.owner}", "worker"), "result.create", "study", study.id,
+               results=[r.id for r in results], model=key.model, finding=key.label, critical=study.critical,
+               job=lease.job_id, attempt=lease.attempt)
+        if study.critical and ctx.settings.webhook.url:
+            ctx.queue.enqueue(s, "notify", study.id, {"url": ctx.settings.webhook.url}, priority=100,
+                              max_attempts=ctx.settings.webhook.max_attempts)
+        return study

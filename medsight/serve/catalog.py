@@ -1,0 +1,92 @@
+"""Which installed model reads which study, and loaded predictors for the worker.
+
+A card's ``modality`` starts with DICOM modality codes ("CR/DX (chest
+radiograph)", "US (breast ultrasound)"); a study is only ever sent to a model
+whose card lists its modality, so a CT is never scored by a chest X-ray model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from medsight.errors import UnknownModelError, UnsupportedModalityError
+from medsight.models.card import ModelCard
+from medsight.models.registry import default_search_paths, list_cards, resolve
+from medsight.predict.predictor import Predictor
+
+
+def card_modalities(card: ModelCard) -> set[str]:
+    """DICOM modality codes named at the start of a card's ``modality`` field."""
+    head = card.modality.strip().split(" ", 1)[0] if card.modality.strip() else ""
+    return {m.strip().upper() for m in head.split("/") if m.strip()}
+
+
+def finding_labels(card: ModelCard) -> list[str]:
+    """Labels a reviewer confirms or corrects: the positive class of a binary model, every class otherwise."""
+    if card.task == "binary":
+        return [card.positive_label or card.labels[1]]
+    return list(card.labels)
+
+
+class ModelCatalog:
+    def __init__(self, extra_paths: list[Path] | None = None, default_models: dict[str, str] | None = None,
+                 cache_size: int = 4, refresh_s: float = 30.0):
+        self.search_paths = [*(extra_paths or []), *default_search_paths()]
+        self.default_models = {k.upper(): v for k, v in (default_models or {}).items()}
+        self._cache: OrderedDict[str, Predictor] = OrderedDict()
+        self._cache_size = cache_size
+        self._cards: list[ModelCard] = []
+        self._cards_at = -1e9
+        self._refresh_s = refresh_s
+
+    def cards(self) -> list[ModelCard]:
+        """Installed cards, re-scanned at most every ``refresh_s`` (new packages appear without a restart)."""
+        if time.monotonic() - self._cards_at > self._refresh_s:
+            self._cards = list_cards(self.search_paths)
+            self._cards_at = time.monotonic()
+        return self._cards
+
+    def card(self, name: str) -> ModelCard:
+        for c in self.cards():
+            if c.name == name:
+                return c
+        self._cards_at = -1e9
+        for c in self.cards():
+            if c.name == name:
+                return c
+        raise UnknownModelError(name, [c.name for c in self.cards()])
+
+    def choose(self, modality: str, requested: str | None = None) -> ModelCard:
+        """The model for a study: the requested one (which must read this modality) or the modality's default."""
+        modality = modality.upper()
+        if requested:
+            card = self.card(requested)
+            if modality not in card_modalities(card):
+                raise UnsupportedModalityError(
+                    f"model {card.name!r} reads {card.modality}; it cannot analyse a {modality} study")
+            return card
+        candidates = [c for c in self.cards() if modality in card_modalities(c)]
+        if not candidates:
+            readable = sorted({m for c in self.cards() for m in card_modalities(c)})
+            raise UnsupportedModalityError(
+                f"no installed model reads modality {modality!r}; installed models read: {', '.join(readable) or 'nothing'}")
+        preferred = self.default_models.get(modality)
+        for c in candidates:
+            if c.name == preferred:
+                return c
+        return sorted(candidates, key=lambda c: c.name)[0]
+
+    def predictor(self, name: str) -> Predictor:
+        """A loaded model (weights sha256-checked by the core loader), kept in a small LRU cache."""
+        import medsight
+
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        pred = medsight.load_model(resolve(name, self.search_paths))
+        self._cache[name] = pred
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return pred

@@ -1,0 +1,113 @@
+"""Typed settings of the service: one object, built once, handed to everything.
+
+Defaults make the service self-contained: a SQLite database and a files folder
+inside ``data_dir``. ``MEDSIGHT_DATABASE_URL`` (or ``database_url``) switches
+the database to PostgreSQL (``postgresql+psycopg://user@host:5432/db``).
+``MEDSIGHT_SETTINGS`` names a JSON file with any of the fields below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
+KNOWN_MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "XC", "OT", "PX", "NM", "PT", "XA", "RF")
+
+PRIORITIES = ("routine", "urgent", "stat")
+
+
+class TriageWeights(BaseModel):
+    """How a study's worklist priority is computed (see :mod:`medsight.serve.triage`).
+
+    ``score = critical * P(critical finding) + requested[priority] + refer * [referred]
+    + waiting * min(minutes waiting / waiting_cap_minutes, 1)``. Higher scores are read first.
+    The defaults put a clinician's STAT request first, then a likely critical finding,
+    so a STAT study is never buried under confident model findings, and waiting time
+    breaks ties and keeps routine studies from starving.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    critical: float = Field(default=0.40, ge=0)
+    requested: dict[str, float] = {"stat": 0.50, "urgent": 0.25, "routine": 0.0}
+    refer: float = Field(default=0.10, ge=0)
+    waiting: float = Field(default=0.10, ge=0)
+    waiting_cap_minutes: float = Field(default=240.0, gt=0)
+    #: Score bands for the worklist colours (red >= high, amber >= medium).
+    high: float = 0.45
+    medium: float = 0.20
+
+
+class WebhookSettings(BaseModel):
+    """Where a critical result is announced. Deliveries are durable jobs with retry."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1)
+    backoff_base_s: float = Field(default=2.0, ge=0)
+    backoff_max_s: float = Field(default=300.0, ge=0)
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Path("medsight-data")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")
+    model_paths: list[Path] = Field(default_factory=list, description="extra model package folders searched before the zoo")
+    #: Preferred model per DICOM modality when an upload names none (used only if that model is installed).
+    default_models: dict[str, str] = {
+        "CR": "pneumonia-cxr", "DX": "pneumonia-cxr", "US": "breast-us-busi", "MR": "brain-tumor-mri", "XC": "skin-lesion-ham",
+    }
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_files_per_upload: int = Field(default=500, gt=0)
+    lease_seconds: float = Field(default=60.0, gt=0, description="a job whose worker stops heartbeating is reclaimed after this")
+    heartbeat_seconds: float | None = Field(default=None, description="default: a third of the lease")
+    max_attempts: int = Field(default=3, ge=1, description="claims of one analysis job before it is marked failed")
+    poll_seconds: float = Field(default=0.5, gt=0)
+    token_hours: float = Field(default=12.0, gt=0)
+    cookie_secure: bool = False
+    public_url: str = "http://127.0.0.1:8000"
+    triage: TriageWeights = TriageWeights()
+    webhook: WebhookSettings = WebhookSettings()
+    #: Fault injection for crash-recovery tests only: the worker sleeps this long after
+    #: claiming a job (heartbeating), so a test can kill it while it holds a lease.
+    fault_claim_delay_s: float = Field(default=0.0, ge=0)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "ServiceSettings":
+        """Settings from ``MEDSIGHT_*`` environment variables, then explicit overrides."""
+        env: dict[str, object] = {}
+        if os.environ.get("MEDSIGHT_SETTINGS"):
+            env.update(json.loads(Path(os.environ["MEDSIGHT_SETTINGS"]).read_text()))
+        if os.environ.get("MEDSIGHT_DATA_DIR"):
+            env["data_dir"] = Path(os.environ["MEDSIGHT_DATA_DIR"])
+        if os.environ.get("MEDSIGHT_DATABASE_URL"):
+            env["database_url"] = os.environ["MEDSIGHT_DATABASE_URL"]
+        if os.environ.get("MEDSIGHT_WEBHOOK_URL"):
+            env["webhook"] = WebhookSettings(url=os.environ["MEDSIGHT_WEBHOOK_URL"])
+        if os.environ.get("MEDSIGHT_PUBLIC_URL"):
+            env["public_url"] = os.environ["MEDSIGHT_PUBLIC_URL"]
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(env)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'medsight.db').resolve()}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3.0
+
+    def write_json(self, path: Path) -> Path:
+        """Save these settings so another process (``medsight worker --settings``) runs the same service."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        return path

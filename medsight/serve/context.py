@@ -1,0 +1,33 @@
+"""The service's collaborators, built once from settings and passed explicitly (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medsight.serve.catalog import ModelCatalog
+from medsight.serve.config import ServiceSettings
+from medsight.serve.database import Database, open_database
+from medsight.serve.jobs import JobQueue
+from medsight.serve.storage import FileStore
+
+
+@dataclass
+class ServiceContext:
+    settings: ServiceSettings
+    db: Database
+    store: FileStore
+    catalog: ModelCatalog
+    queue: JobQueue
+
+    @classmethod
+    def build(cls, settings: ServiceSettings, migrate: bool = True) -> "ServiceContext":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = open_database(settings.db_url, migrate=migrate)
+        return cls(
+            settings=settings, db=db, store=FileStore(settings.files_dir),
+            catalog=ModelCatalog(settings.model_paths, settings.default_models),
+            queue=JobQueue(db, settings.lease_seconds),
+        )
+
+    def close(self) -> None:
+        self.db.dispose()

@@ -1,0 +1,225 @@
+"""Turn uploaded files into a stored study with a queued analysis job, or refuse them whole.
+
+Order of operations is what makes "nothing stored half-way" true:
+
+1. expand zip archives into a private temporary folder (with size and count limits),
+2. read every image with the core reader (this is the validation: a corrupt file,
+   a non-image, a DICOM without pixel data fails here with the reader's reason),
+3. decide study identity, modality and model (may fail: mixed studies, unknown
+   model, unsupported modality, study already received),
+4. only then copy the files into content-addressed storage (atomic writes), and
+5. insert study + instances + job + audit event in ONE transaction.
+
+A failure in 1-3 leaves nothing behind; a failure in 4-5 leaves at most
+unreferenced blobs, never a row pointing at a missing or partial file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from medsight.errors import (
+    DuplicateStudyError,
+    ImageReadError,
+    NotAnImageError,
+    UnsupportedModalityError,
+    UploadError,
+    UploadTooLargeError,
+)
+from medsight.io.readers import read_image, sniff
+from medsight.serve.audit import Actor, record
+from medsight.serve.config import KNOWN_MODALITIES, PRIORITIES
+from medsight.serve.context import ServiceContext
+from medsight.serve.db import Instance, Study, utcnow
+from medsight.serve.triage import base_score
+
+JOB_PRIORITY = {"stat": 2, "urgent": 1, "routine": 0}
+_ZIP_MAGIC = b"PK\x03\x04"
+_SKIP_NAMES = ("dicomdir", ".ds_store", "thumbs.db")
+
+
+@dataclass
+class UploadRequest:
+    files: list[tuple[str, Path]]  # (name as uploaded, temporary path)
+    modality: str | None = None
+    model: str | None = None
+    priority: str = "routine"
+    accession_number: str | None = None
+    description: str | None = None
+
+
+@dataclass
+class _Checked:
+    name: str
+    path: Path
+    format: str
+    rows: int
+    columns: int
+    meta: dict = field(default_factory=dict)
+
+
+def normalise_priority(priority: str | None) -> str:
+    p = (priority or "routine").strip().lower()
+    if p not in PRIORITIES:
+        raise UploadError(f"priority must be one of {', '.join(p.upper() for p in PRIORITIES)}, not {priority!r}")
+    return p
+
+
+def expand_archives(files: list[tuple[str, Path]], work: Path, max_bytes: int, max_files: int) -> list[tuple[str, Path]]:
+    """Replace each zip by its members; refuse archives whose contents exceed the limits (zip bombs)."""
+    out: list[tuple[str, Path]] = []
+    total = 0
+    for name, path in files:
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == _ZIP_MAGIC
+        if not is_zip:
+            out.append((name, path))
+            continue
+        try:
+            with zipfile.ZipFile(path) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir() and not _skipped(m.filename)]
+                declared = sum(m.file_size for m in members)
+                if declared > max_bytes:
+                    raise UploadTooLargeError(f"{name}: archive expands to {declared} bytes, limit is {max_bytes}")
+                dest = work / f"zip{len(out)}_{path.stem}"
+                dest.mkdir(parents=True)
+                for k, m in enumerate(members):
+                    target = dest / f"{k:05d}"  # never use member names as paths (no traversal)
+                    with zf.open(m) as src, open(target, "wb") as dst:
+                        n = _copy_limited(src, dst, max_bytes - total, name)
+                    total += n
+                    out.append((f"{name}/{m.filename}", target))
+        except zipfile.BadZipFile as e:
+            raise UploadError(f"{name}: not a readable zip archive ({e})") from None
+        if len(out) > max_files:
+            raise UploadTooLargeError(f"upload holds more than {max_files} files")
+    if not out:
+        raise UploadError("the upload holds no files")
+    if len(out) > max_files:
+        raise UploadTooLargeError(f"upload holds {len(out)} files, limit is {max_files}")
+    return out
+
+
+def _skipped(member: str) -> bool:
+    base = member.rsplit("/", 1)[-1].lower()
+    return base.startswith(".") or base in _SKIP_NAMES or member.startswith("__MACOSX/")
+
+
+def _copy_limited(src, dst, budget: int, name: str) -> int:  # noqa: ANN001
+    n = 0
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        n += len(chunk)
+        if n > budget:
+            raise UploadTooLargeError(f"{name}: archive contents exceed the upload limit")
+        dst.write(chunk)
+    return n
+
+
+def check_file(name: str, path: Path) -> _Checked:
+    """Read the image fully (decoding its pixels) so that anything unusable is refused now, not by the worker."""
+    try:
+        kind = sniff(path)
+        if kind not in ("dicom", "raster", "unknown"):
+            raise NotAnImageError(name, f"{kind} files are not accepted here; upload DICOM, PNG or JPEG")
+        image = read_image(path)
+    except ImageReadError as e:
+        # Report the uploaded name, not our temporary path.
+        e.args = (str(e).replace(str(path), name),)
+        raise
+    fmt = image.meta.get("format", kind)
+    meta = dict(image.meta)
+    if fmt == "dicom":
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        meta["accession_number"] = str(ds.get("AccessionNumber", "") or "").strip() or None
+        meta["study_description"] = str(ds.get("StudyDescription", "") or "").strip() or None
+    return _Checked(name, path, fmt, image.height, image.width, meta)
+
+
+def plan_study(checked: list[_Checked], declared_modality: str | None) -> tuple[str, str, str]:
+    """(study UID, modality, source format) for a validated upload, or a specific refusal."""
+    formats = {"dicom" if c.format == "dicom" else "raster" for c in checked}
+    if len(formats) > 1:
+        raise UploadError("an upload is one study: do not mix DICOM files with PNG/JPEG files")
+    declared = declared_modality.strip().upper() if declared_modality and declared_modality.strip() else None
+    if formats == {"dicom"}:
+        uids = sorted({c.meta.get("study_instance_uid") or "" for c in checked})
+        if len(uids) > 1:
+            raise UploadError(f"the files belong to {len(uids)} different studies ({', '.join(u or '<none>' for u in uids)}); upload one study at a time")
+        mods = sorted({(c.meta.get("modality") or "").upper() for c in checked})
+        if len(mods) > 1:
+            raise UploadError(f"the files have different modalities: {', '.join(mods)}")
+        modality = mods[0] or declared
+        if not modality:
+            raise UnsupportedModalityError("the DICOM files carry no Modality (0008,0060); declare one")
+        if declared and mods[0] and declared != mods[0]:
+            raise UploadError(f"declared modality {declared} but the DICOM header says {mods[0]}")
+        return uids[0] or generate_uid(), modality, "dicom"
+    if not declared:
+        raise UnsupportedModalityError("PNG/JPEG images carry no modality: declare it (e.g. modality=CR)")
+    if declared not in KNOWN_MODALITIES:
+        raise UnsupportedModalityError(f"unknown modality {declared!r}; use a DICOM code such as {', '.join(KNOWN_MODALITIES)}")
+    return generate_uid(), declared, checked[0].format
+
+
+def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
+    s_cfg = ctx.settings
+    priority = normalise_priority(req.priority)
+    work = Path(tempfile.mkdtemp(dir=ctx.store.tmp_dir, prefix="ingest-"))
+    try:
+        files = expand_archives(req.files, work, s_cfg.max_upload_bytes, s_cfg.max_files_per_upload)
+        checked = [check_file(name, path) for name, path in files]
+        study_uid, modality, fmt = plan_study(checked, req.modality)
+        card = ctx.catalog.choose(modality, req.model)
+        with ctx.db.session() as s:
+            existing = s.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one_or_none()
+        if existing is not None:
+            raise DuplicateStudyError(study_uid, existing)
+        shas = [ctx.store.put_file(c.path) for c in checked]  # files first, rows after
+        now = utcnow()
+        first = checked[0].meta
+        try:
+            with ctx.db.session() as s:
+                study = Study(
+                    study_uid=study_uid, modality=modality, model=card.name, requested_priority=priority,
+                    source_format=fmt, status="queued", uploaded_by=actor.user_id, received_at=now,
+                    received_epoch=_epoch(now),
+                    accession_number=(req.accession_number or first.get("accession_number") or None),
+                    description=(req.description or first.get("study_description") or None),
+                    priority_base=base_score(s_cfg.triage, priority, None, False),
+                )
+                s.add(study)
+                s.flush()
+                seen: set[str] = set()
+                for c, sha in zip(checked, shas):
+                    if sha in seen:
+                        continue
+                    seen.add(sha)
+                    s.add(Instance(
+                        study_id=study.id, sop_instance_uid=c.meta.get("sop_instance_uid"), file_sha256=sha,
+                        file_size=c.path.stat().st_size, original_name=c.name[-256:], format=c.format,
+                        rows=c.rows, columns=c.columns, patient_sex=c.meta.get("patient_sex"),
+                        patient_age=c.meta.get("patient_age"),
+                    ))
+                ctx.queue.enqueue(s, "analyse", study.id, {}, priority=JOB_PRIORITY[priority],
+                                  max_attempts=s_cfg.max_attempts)
+                record(s, actor, "study.create", "study", study.id, study_uid=study_uid, modality=modality,
+                       model=card.name, files=len(seen), priority=priority)
+        except IntegrityError:
+            raise DuplicateStudyError(study_uid, None) from None
+        return study
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _epoch(naive_utc: datetime) -> float:
+    return naive_utc.replace(tzinfo=timezone.utc).timestamp()

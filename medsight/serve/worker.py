@@ -1,0 +1,111 @@
+"""``medsight worker``: claims jobs from the database and runs them until stopped.
+
+Any number of workers (processes, machines) can run against one database; the
+lease protocol in :mod:`medsight.serve.jobs` keeps them from doing a job twice
+and hands the job of a dead worker to a live one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy.orm import Session
+
+from medsight.serve.analysis import AnalysisFailed, LeaseLost, analyse_study
+from medsight.serve.audit import Actor, record
+from medsight.serve.context import ServiceContext
+from medsight.serve.db import Study
+from medsight.serve.jobs import Heartbeat, Lease, worker_identity
+from medsight.serve.notify import DeliveryError, backoff_seconds, critical_payload, deliver
+
+log = logging.getLogger("medsight.worker")
+
+
+class Worker:
+    def __init__(self, ctx: ServiceContext, name: str | None = None):
+        self.ctx = ctx
+        self.name = name or worker_identity()
+        self.stop_event = threading.Event()
+        self.done = 0
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when none was due."""
+        lease = self.ctx.queue.claim(self.name, ("analyse", "notify"))
+        if lease is None:
+            return False
+        log.info("claimed job %s (%s, study %s, attempt %s)", lease.job_id, lease.kind, lease.study_id, lease.attempt)
+        with Heartbeat(self.ctx.queue, lease, self.ctx.settings.heartbeat_interval) as hb:
+            if self.ctx.settings.fault_claim_delay_s:
+                time.sleep(self.ctx.settings.fault_claim_delay_s)
+            if lease.kind == "analyse":
+                self._analyse(lease)
+            elif lease.kind == "notify":
+                self._notify(lease)
+            else:
+                self.ctx.queue.fail(lease, f"unknown job kind {lease.kind!r}")
+            if hb.lost:
+                log.warning("job %s: lease was lost while running", lease.job_id)
+        self.done += 1
+        return True
+
+    def run(self, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
+        """Loop until stopped (or ``max_jobs`` ran, or the queue is empty with ``exit_when_idle``)."""
+        while not self.stop_event.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # database unreachable etc.: keep the worker alive and try again
+                log.exception("worker loop error")
+                worked = False
+            if max_jobs is not None and self.done >= max_jobs:
+                break
+            if not worked:
+                if exit_when_idle:
+                    break
+                self.stop_event.wait(self.ctx.settings.poll_seconds)
+        return self.done
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # -- job kinds ------------------------------------------------------------
+    def _analyse(self, lease: Lease) -> None:
+        try:
+            study = analyse_study(self.ctx, lease)
+            log.info("study %s analysed: %s (P(critical)=%.3f)", study.id, study.finding, study.critical_probability or 0)
+        except LeaseLost as e:
+            log.warning("%s", e)
+        except AnalysisFailed as e:
+            self.ctx.queue.fail(lease, str(e))
+            with self.ctx.db.session() as s:
+                record(s, Actor(f"worker:{self.name}", "worker"), "analysis.failed", "study", lease.study_id, error=str(e)[:500])
+            log.error("study %s failed: %s", lease.study_id, e)
+        except Exception as e:  # unexpected (database hiccup, disk full): retry later
+            log.exception("job %s crashed", lease.job_id)
+            self.ctx.queue.fail(lease, f"{type(e).__name__}: {e}", retry_in_s=5.0)
+
+    def _notify(self, lease: Lease) -> None:
+        cfg = self.ctx.settings.webhook
+        url = lease.payload.get("url") or cfg.url
+        with self.ctx.db.session() as s:
+            study = s.get(Study, lease.study_id)
+            payload = critical_payload(study, self.ctx.settings.public_url) if study else {"study_id": lease.study_id}
+        try:
+            status = deliver(cfg, url, payload, idempotency_key=f"medsight-notify-{lease.job_id}")
+        except DeliveryError as e:
+            new = self.ctx.queue.fail(lease, str(e), retry_in_s=backoff_seconds(cfg, lease.attempt))
+            if new == "failed":
+                with self.ctx.db.session() as s:
+                    self._audit_notify(s, lease, "notify.failed", error=str(e), attempts=lease.attempt)
+            return
+        with self.ctx.db.session() as s:
+            if self.ctx.queue.complete(s, lease):
+                self._audit_notify(s, lease, "notify.sent", status=status, attempts=lease.attempt, url=url)
+
+    def _audit_notify(self, s: Session, lease: Lease, action: str, **detail: object) -> None:
+        record(s, Actor(f"worker:{self.name}", "worker"), action, "study", lease.study_id, job=lease.job_id, **detail)
+
+
+def run_worker(ctx: ServiceContext, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
+    return Worker(ctx).run(max_jobs=max_jobs, exit_when_idle=exit_when_idle)

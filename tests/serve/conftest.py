@@ -1,0 +1,158 @@
+"""Fixtures for the clinical service: isolated services on SQLite and (when reachable) PostgreSQL.
+
+PostgreSQL: a server on 127.0.0.1:5432 with trust auth and a database ``test``
+(user ``postgres`` or ``root``). Every service gets its own fresh schema (via the
+libpq ``search_path`` option in the URL) that is dropped afterwards, so parallel
+and earlier runs never see each other's tables. Without a server those variants
+skip and say why.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_images
+
+PG_HOST = "127.0.0.1:5432"
+PASSWORD = "correct-horse-battery"
+
+
+def _pg_base_url() -> tuple[str | None, str]:
+    try:
+        import psycopg
+    except ImportError as e:
+        return None, f"psycopg not installed ({e})"
+    last = ""
+    for user in ("postgres", "root"):
+        try:
+            with psycopg.connect(f"host=127.0.0.1 port=5432 dbname=test user={user} connect_timeout=2"):
+                return f"postgresql+psycopg://{user}@{PG_HOST}/test", ""
+        except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+            last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None, f"no PostgreSQL reachable at {PG_HOST} (database 'test', users postgres/root): {last}"
+
+
+_PG = _pg_base_url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for a fresh, empty database (SQLite file or PostgreSQL schema)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'svc.db'}"
+        return
+    base, why = _PG
+    if base is None:
+        pytest.skip(why)
+    import psycopg
+
+    schema = f"ms_test_{uuid.uuid4().hex[:12]}"
+    conninfo = base.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_package: Path) -> Path:
+    """The shared tiny model, re-carded as 'tiny-xr' reading CR/DX/CT/MR (the weights are untouched)."""
+    from medsight.models.package import read_card, write_card
+
+    root = tmp_path_factory.mktemp("models")
+    dest = root / "tiny-xr"
+    shutil.copytree(tiny_package, dest)
+    card = read_card(dest)
+    card.name, card.modality = "tiny-xr", "CR/DX/CT/MR (test phantom)"
+    write_card(card, dest)
+    return root
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def shape_pngs() -> dict[str, list[bytes]]:
+    """PNG images of the tiny model's two classes: 'disc' (its critical finding) and 'bar'."""
+    x, y = make_images(12, seed=42)
+    out: dict[str, list[bytes]] = {"bar": [], "disc": []}
+    for img, lab in zip(x, y[:, 0]):
+        out["disc" if lab == 1 else "bar"].append(png_bytes(img))
+    return out
+
+
+@dataclass
+class Svc:
+    """A running in-process service with one logged-in user per role."""
+
+    app: object
+    client: object
+    ctx: object
+    headers: dict[str, dict[str, str]]
+
+    def upload(self, files: list[tuple[str, bytes]], role: str = "technologist", **form: str):  # noqa: ANN201
+        return self.client.post("/api/studies", headers=self.headers[role],
+                                files=[("files", (n, b, "application/octet-stream")) for n, b in files], data=form)
+
+    def work(self) -> int:
+        from medsight.serve.worker import Worker
+
+        return Worker(self.ctx, name="test-worker").run(exit_when_idle=True)
+
+
+ROLES = ("admin", "radiologist", "technologist", "auditor")
+
+
+def make_service(tmp_path: Path, db_url: str, models_dir: Path, **overrides: object) -> Svc:
+    from fastapi.testclient import TestClient
+
+    from medsight.serve.api import create_app
+    from medsight.serve.auth import create_user
+    from medsight.serve.config import ServiceSettings
+    from medsight.serve.context import ServiceContext
+
+    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=db_url, model_paths=[models_dir],
+                               default_models={"CR": "tiny-xr"}, **overrides)
+    ctx = ServiceContext.build(settings)
+    with ctx.db.session() as s:
+        for role in ROLES:
+            create_user(s, f"{role}1", PASSWORD, role, full_name=f"Test {role}")
+    app = create_app(settings, ctx=ctx)
+    client = TestClient(app)
+    headers = {}
+    for role in ROLES:
+        r = client.post("/api/auth/login", json={"username": f"{role}1", "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        headers[role] = {"Authorization": f"Bearer {r.json()['token']}"}
+    return Svc(app, client, ctx, headers)
+
+
+@pytest.fixture
+def svc(tmp_path: Path, db_url: str, models_dir: Path) -> Iterator[Svc]:
+    s = make_service(tmp_path, db_url, models_dir)
+    yield s
+    s.client.close()
+    s.ctx.close()
+
+
+@pytest.fixture
+def svc_sqlite(tmp_path: Path, models_dir: Path) -> Iterator[Svc]:
+    s = make_service(tmp_path, f"sqlite:///{tmp_path / 'svc.db'}", models_dir)
+    yield s
+    s.client.close()
+    s.ctx.close()
