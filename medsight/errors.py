@@ -114,38 +114,6 @@ class UploadTooLargeError(UploadError):
     """An upload exceeds the configured size or file-count limit."""
 
 
-class DicomGatewayError(MedSightError):
-    """Hospital integration (de-identification, DICOM network, result export) failed in an expected way."""
-
-
-class SiteKeyError(DicomGatewayError):
-    """The site secret key for de-identification is missing, unreadable or too short."""
-
-
-class BurnedInAnnotationError(DicomGatewayError):
-    """The image says identifying text is burned into its pixels, and that was not explicitly allowed."""
-
-
-class DeidentificationError(DicomGatewayError):
-    """A file could not be de-identified (not DICOM, unreadable, or cannot be written back)."""
-
-
-class DicomSendError(DicomGatewayError):
-    """Results could not be delivered to the configured destination (they stay in the outbox)."""
-
-
-class ResultExportError(DicomGatewayError):
-    """A prediction cannot be turned into a DICOM SR / Secondary Capture / FHIR / HL7 message."""
-
-
-class UnsupportedTaskError(MedSightError):
-    """The operation does not support the model's task (e.g. a validation report for a multi-label model)."""
-
-
-class PackageOutputError(MedSightError):
-    """A new model package cannot be written where asked (it would overwrite the source or another package)."""
-
-
 class DuplicateStudyError(UploadError):
     """The study (same Study Instance UID) was already received."""
 
