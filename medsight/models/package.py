@@ -65,6 +65,7 @@ def write_card(card: ModelCard, directory: Path) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(card.model_dump(mode="json"), f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a card is meant to be read by everyone
     os.replace(tmp, directory / CARD_FILE)
 
 
