@@ -28,6 +28,10 @@ class ImageReadError(MedSightError):
         super().__init__(f"{where}{self.reason}{extra}")
 
 
+class ImageNotFoundError(ImageReadError):
+    reason = "file not found"
+
+
 class EmptyFileError(ImageReadError):
     reason = "file is empty"
 
@@ -78,6 +82,18 @@ class MetricNotComputableError(MedSightError):
     """A metric is undefined for the given data (e.g. AUC with one class present)."""
 
 
+class UnsupportedModalityError(MedSightError):
+    """No installed model reads this modality, or the chosen model is for another one."""
+
+
+class UploadError(MedSightError):
+    """An upload cannot be accepted as a study (mixed studies, missing modality, bad archive, ...)."""
+
+
+class UploadTooLargeError(UploadError):
+    """An upload exceeds the configured size or file-count limit."""
+
+
 class DicomGatewayError(MedSightError):
     """Hospital integration (de-identification, DICOM network, result export) failed in an expected way."""
 
@@ -102,16 +118,12 @@ class ResultExportError(DicomGatewayError):
     """A prediction cannot be turned into a DICOM SR / Secondary Capture / FHIR / HL7 message."""
 
 
-class UnsupportedModalityError(MedSightError):
-    """No installed model reads this modality, or the chosen model is for another one."""
+class UnsupportedTaskError(MedSightError):
+    """The operation does not support the model's task (e.g. a validation report for a multi-label model)."""
 
 
-class UploadError(MedSightError):
-    """An upload cannot be accepted as a study (mixed studies, missing modality, bad archive, ...)."""
-
-
-class UploadTooLargeError(UploadError):
-    """An upload exceeds the configured size or file-count limit."""
+class PackageOutputError(MedSightError):
+    """A new model package cannot be written where asked (it would overwrite the source or another package)."""
 
 
 class DuplicateStudyError(UploadError):

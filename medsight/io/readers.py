@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medsight.errors import EmptyFileError, NotAnImageError
+from medsight.errors import EmptyFileError, ImageNotFoundError, NotAnImageError
 from medsight.io.dicom import read_dicom, read_dicom_frames
 from medsight.io.image import MedImage
 from medsight.io.nifti import read_nifti
@@ -32,6 +32,8 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def sniff(path: str | Path) -> str:
     """Return "dicom", "raster", "nifti" or "unknown" from content, then suffix."""
     path = Path(path)
+    if not path.is_file():
+        raise ImageNotFoundError(path)
     with open(path, "rb") as fh:
         head = fh.read(348)
     if not head:

@@ -63,3 +63,10 @@ def test_batch_goes_past_bad_files(tiny_package, disc_png, tmp_path):
 def test_unknown_model_name():
     with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'"):
         medsight.load_model("no-such-model")
+
+
+def test_missing_file_is_reported_not_raised_in_batches(tiny_package, disc_png, tmp_path):
+    m = medsight.load_model(tiny_package)
+    out = list(m.predict_many([tmp_path / "gone.dcm", disc_png]))
+    assert isinstance(out[0], PredictionError) and out[0].kind == "ImageNotFoundError"
+    assert isinstance(out[1], Prediction)
