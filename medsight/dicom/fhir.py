@@ -1,0 +1,119 @@
+"""FHIR R4 result: a transaction Bundle with one DiagnosticReport, one Observation per finding and the Device.
+
+Built with ``fhir.resources`` models (R4B, the technical correction of R4
+whose DiagnosticReport/Observation/Device are the R4 ones), so constructing
+the objects validates types, cardinalities and required elements.
+
+Privacy: the payload names no patient. It carries no name, patient ID or
+birth date and no ``subject``; the receiving system links the report to its
+patient through the imaging study (Study Instance UID) and the order's
+accession number, which it already holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+
+from medsight.dicom.results import (
+    CODING_SCHEME_URI,
+    DISCLAIMER,
+    MANUFACTURER,
+    AnalysedImage,
+    check_one_study,
+    label_code,
+    model_name_version,
+)
+from medsight.errors import ResultExportError
+
+UCUM = "http://unitsofmeasure.org"
+DICOM_UID = "urn:dicom:uid"
+OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+DIAG_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
+ACCESSION_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+
+
+def _urn() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def _finding(label: str) -> dict:
+    return {"coding": [{"system": CODING_SCHEME_URI, "code": label_code(label), "display": label}], "text": label}
+
+
+def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | None = None) -> Bundle:
+    """Transaction Bundle: Device, Observations (probability of each label per image), DiagnosticReport."""
+    study_uid = check_one_study(images)
+    issued = issued or dt.datetime.now(dt.timezone.utc)
+    name, version = model_name_version(images[0].prediction)
+    study_ref = {"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}}
+    device_url = _urn()
+    device = Device.model_validate({
+        "resourceType": "Device", "manufacturer": MANUFACTURER,
+        "deviceName": [{"name": f"{MANUFACTURER} {name}", "type": "model-name"}],
+        "version": [{"value": version}],
+        "note": [{"text": DISCLAIMER}],
+    })
+    entries: list[dict] = [{"fullUrl": device_url, "resource": device, "request": {"method": "POST", "url": "Device"}}]
+    observation_urls = []
+    for analysed in images:
+        p = analysed.prediction
+        instance = str(analysed.source.get("SOPInstanceUID", ""))
+        where = f"SOP Instance {instance}" + (f" frame {analysed.frame_number}" if analysed.frame_number else "")
+        for label, prob in p.probabilities.items():
+            obs = Observation.model_validate({
+                "resourceType": "Observation", "status": "preliminary",
+                "category": [{"coding": [{"system": OBS_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
+                "code": {"coding": [{"system": CODING_SCHEME_URI, "code": f"P-{label_code(label)}", "display": f"Probability of {label}"}],
+                         "text": f"Probability of {label}"},
+                "valueQuantity": {"value": round(float(prob), 6), "unit": "1", "system": UCUM, "code": "1"},
+                "interpretation": [_finding(label)] if label == p.label else None,
+                "issued": issued.isoformat(),
+                "device": {"reference": device_url},
+                "derivedFrom": [{**study_ref, "display": where}],
+                "note": [{"text": f"{p.statement} {DISCLAIMER}."}] if label == p.label else None,
+            })
+            url = _urn()
+            observation_urls.append(url)
+            entries.append({"fullUrl": url, "resource": obs, "request": {"method": "POST", "url": "Observation"}})
+    report: dict = {
+        "resourceType": "DiagnosticReport", "status": "preliminary",
+        "category": [{"coding": [{"system": DIAG_SERVICE, "code": "RAD", "display": "Radiology"}]}],
+        "code": {"coding": [{"system": CODING_SCHEME_URI, "code": label_code(name), "display": f"{MANUFACTURER} {name} {version}"}],
+                 "text": f"AI image analysis ({name} {version})"},
+        "issued": issued.isoformat(),
+        "result": [{"reference": u} for u in observation_urls],
+        "imagingStudy": [study_ref],
+        "conclusion": " ".join(dict.fromkeys(a.prediction.statement for a in images)) + f" {DISCLAIMER}.",
+        "conclusionCode": [_finding(lab) for lab in dict.fromkeys(a.prediction.label for a in images)],
+    }
+    accession = str(images[0].source.get("AccessionNumber", "") or "").strip()
+    if accession:
+        report["identifier"] = [{"type": ACCESSION_TYPE, "value": accession}]
+    entries.append({"fullUrl": _urn(), "resource": DiagnosticReport.model_validate(report),
+                    "request": {"method": "POST", "url": "DiagnosticReport"}})
+    return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
+
+def post_bundle(bundle: Bundle, endpoint: str, timeout: float = 30.0, session=None) -> dict:
+    """POST the transaction to a FHIR server base URL; returns the server's response Bundle as a dict."""
+    import requests
+
+    http = session or requests
+    try:
+        r = http.post(endpoint.rstrip("/"), data=bundle.model_dump_json(exclude_none=True),
+                      headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ResultExportError(f"FHIR endpoint {endpoint} unreachable: {exc}") from exc
+    if r.status_code >= 300:
+        raise ResultExportError(f"FHIR endpoint {endpoint} answered {r.status_code}: {r.text[:300]}")
+    return r.json() if r.content else {}
+
+
+__all__ = ["build_fhir_bundle", "post_bundle"]

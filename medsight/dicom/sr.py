@@ -1,0 +1,118 @@
+"""DICOM Structured Report (TID 1500 Measurement Report in a Comprehensive SR) of a study's AI result.
+
+One measurement group (TID 1501) per analysed image holds:
+the reported finding (coded), the calibrated probability of every label
+(numeric, unit "1"), the calibrated confidence of the reported decision,
+whether the model refers the case to a human, the confidence statement and
+the disclaimer (TEXT), the algorithm name and version (TID 4019), and a
+reference to the exact source instance (and frame). The SR goes into the
+source study (same Study Instance UID) as a new series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from medsight._version import __version__
+from medsight.dicom.results import (
+    CODING_SCHEME,
+    DISCLAIMER,
+    MANUFACTURER,
+    AnalysedImage,
+    carry_deidentification,
+    check_one_study,
+    label_code,
+    model_name_version,
+    next_series_number,
+)
+
+# Codes from PS3.16 (DCM, SCT, UCUM) where one exists; local 99MEDSIGHT codes otherwise.
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging")
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+YES, NO = CodedConcept("373066001", "SCT", "Yes"), CodedConcept("373067005", "SCT", "No")
+CONFIDENCE = CodedConcept("CONFIDENCE", CODING_SCHEME, "Calibrated confidence of reported finding")
+REFER = CodedConcept("REFER", CODING_SCHEME, "Refer to human reader")
+OOD = CodedConcept("OOD-SCORE", CODING_SCHEME, "Out-of-distribution score")
+SR_SERIES_OFFSET = 900
+
+
+def finding_concept(label: str) -> CodedConcept:
+    return CodedConcept(label_code(label), CODING_SCHEME, label)
+
+
+def probability_concept(label: str) -> CodedConcept:
+    return CodedConcept(("P-" + label_code(label))[:16], CODING_SCHEME, f"Probability of {label}"[:64])
+
+
+def build_sr(images: Sequence[AnalysedImage], series_instance_uid: str | None = None,
+             sop_instance_uid: str | None = None, series_number: int | None = None,
+             institution_name: str | None = None) -> hd.sr.ComprehensiveSR:
+    """The study's AI result as a Comprehensive SR with a TID 1500 Measurement Report."""
+    check_one_study(images)
+    name, version = model_name_version(images[0].prediction)
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=hd.UID(), name=f"{MANUFACTURER} {name}"[:64], manufacturer_name=MANUFACTURER, model_name=f"{name} {version}"[:64])
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    groups = [_group(i, a, name, version) for i, a in enumerate(images, start=1)]
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=IMAGING_PROCEDURE,
+                                     imaging_measurements=groups, title=codes.cid7021.ImagingMeasurementReport)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[a.source for a in images], content=report[0],
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number or next_series_number(images, SR_SERIES_OFFSET),
+        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+        institution_name=institution_name, series_description=f"{DISCLAIMER} ({name})"[:64],
+        software_versions=f"medsight {__version__}",
+    )
+    sr.CodingSchemeIdentificationSequence = [local_coding_scheme()]
+    carry_deidentification(sr, images[0].source)
+    return sr
+
+
+def local_coding_scheme() -> Dataset:
+    """Declares the private "99MEDSIGHT" designator, as PS3.3 C.12.1.1.4 asks for local schemes."""
+    item = Dataset()
+    item.CodingSchemeDesignator = CODING_SCHEME
+    item.CodingSchemeName = "MedSight model labels and result concepts"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
+def _group(index: int, analysed: AnalysedImage, name: str, version: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    p = analysed.prediction
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, manufacturer=MANUFACTURER)
+    measurements = [
+        hd.sr.Measurement(name=probability_concept(label), value=float(prob), unit=NO_UNITS)
+        for label, prob in p.probabilities.items()
+    ]
+    measurements.append(hd.sr.Measurement(name=CONFIDENCE, value=float(p.confidence), unit=NO_UNITS))
+    if p.ood_score is not None:
+        measurements.append(hd.sr.Measurement(name=OOD, value=float(p.ood_score), unit=NO_UNITS))
+    frame = analysed.frame_number
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"MedSight finding {index}"),
+        finding_type=finding_concept(p.label),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(REFER, YES if p.refer else NO)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
+            analysed.source, referenced_frame_numbers=[frame] if frame else None)],
+    )
+    # TID 1501 has no free-text row; a TEXT "Comment" under the group container
+    # is valid Comprehensive SR content and is where readers look for prose.
+    container = group[0]
+    for text in (p.statement, DISCLAIMER):
+        container.ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=text[:1024], relationship_type="CONTAINS"))
+    return group
+
+
+__all__ = ["build_sr", "finding_concept", "probability_concept"]
