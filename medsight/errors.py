@@ -132,3 +132,11 @@ class DuplicateStudyError(UploadError):
     def __init__(self, study_uid: str, study_id: int | None):
         self.study_uid, self.study_id = study_uid, study_id
         super().__init__(f"study {study_uid} was already received" + (f" as study {study_id}" if study_id else ""))
+
+
+class BackendError(MedSightError):
+    """An inference backend (ONNX Runtime, int8) cannot be built or used for this model here."""
+
+
+class EngineUnavailableError(MedSightError):
+    """A batch engine (Ray) is not installed or its cluster cannot be reached."""
