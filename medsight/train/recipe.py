@@ -100,6 +100,22 @@ def evaluate_split(pkg: ModelPackage, ds: LabeledDataset, n_boot: int = 1000) ->
     return bootstrap_metrics(scorer, ds.y, probs, n_boot=n_boot)
 
 
+def published_comparison(test: dict[str, Any], published: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether test AUC *and* ACC beat the best published numbers, in words a card reader can use."""
+    if "best_auc" not in published or "best_acc" not in published:
+        return None
+    auc = test["auc"]["value"] if isinstance(test["auc"], dict) else test["auc"].value
+    acc = test["accuracy"]["value"] if isinstance(test["accuracy"], dict) else test["accuracy"].value
+    beats = auc is not None and auc > published["best_auc"] and acc > published["best_acc"]
+    verdict = "beats" if beats else "does not yet beat"
+    return {
+        "beats_best_published": bool(beats),
+        "statement": (f"This model {verdict} the best published result on this test split: test AUC {auc:.3f} vs "
+                      f"{published['best_auc']:.3f} ({published.get('best_auc_method', '?')}), test ACC {acc:.3f} vs "
+                      f"{published['best_acc']:.3f} ({published.get('best_acc_method', '?')})."),
+    }
+
+
 def run_recipe(
     recipe: Recipe, data_root: Path, out_dir: Path, resume: bool = False,
     on_epoch: Callable[[EpochReport], None] | None = None, epochs: int | None = None,
@@ -115,6 +131,9 @@ def run_recipe(
     test = evaluate_split(pkg, splits["test"])
     pkg.card.test_metrics = {k: MetricValue(**v) for k, v in test.items()}
     pkg.card.training["n_test"] = len(splits["test"])
-    pkg.card.published_baselines = recipe.published_baselines
+    pkg.card.published_baselines = dict(recipe.published_baselines)
+    comparison = published_comparison(test, recipe.published_baselines)
+    if comparison:
+        pkg.card.published_baselines["comparison"] = comparison
     pkg.save(out_dir)
     return pkg
