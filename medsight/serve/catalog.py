@@ -32,8 +32,8 @@ def finding_labels(card: ModelCard) -> list[str]:
 
 class ModelCatalog:
     def __init__(self, extra_paths: list[Path] | None = None, default_models: dict[str, str] | None = None,
-                 cache_size: int = 4, refresh_s: float = 30.0):
-        self.search_paths = [*(extra_paths or []), *default_search_paths()]
+                 cache_size: int = 4, refresh_s: float = 30.0, use_zoo: bool = True):
+        self.search_paths = [*(extra_paths or []), *(default_search_paths() if use_zoo else [])]
         self.default_models = {k.upper(): v for k, v in (default_models or {}).items()}
         self._cache: OrderedDict[str, Predictor] = OrderedDict()
         self._cache_size = cache_size

@@ -104,9 +104,15 @@ def serve_cmd(
 
     if demo and data_dir is None and not os.environ.get("MEDSIGHT_DATA_DIR"):
         data_dir = DEMO_DIR
-    public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    cfg = load_settings(data_dir, settings, public_url=None if os.environ.get("MEDSIGHT_PUBLIC_URL") else public)
-    ctx = _context(data_dir, settings, public_url=cfg.public_url)
+    from medsight.serve.context import ServiceContext
+
+    cfg = load_settings(data_dir, settings)
+    if "public_url" not in cfg.model_fields_set:  # links in notifications point at this server
+        cfg = cfg.model_copy(update={"public_url": f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"})
+    try:
+        ctx = ServiceContext.build(cfg)
+    except MedSightError as e:
+        _fail(e)
     logins: list[tuple[str, str, str]] = []
     if demo:
         try:

@@ -58,6 +58,7 @@ class ServiceSettings(BaseModel):
     data_dir: Path = Path("medsight-data")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")
     model_paths: list[Path] = Field(default_factory=list, description="extra model package folders searched before the zoo")
+    use_zoo: bool = Field(default=True, description="also offer the shipped zoo and $MEDSIGHT_MODEL_PATH packages")
     #: Preferred model per DICOM modality when an upload names none (used only if that model is installed).
     default_models: dict[str, str] = {
         "CR": "pneumonia-cxr", "DX": "pneumonia-cxr", "US": "breast-us-busi", "MR": "brain-tumor-mri", "XC": "skin-lesion-ham",

@@ -25,7 +25,7 @@ class ServiceContext:
         db = open_database(settings.db_url, migrate=migrate)
         return cls(
             settings=settings, db=db, store=FileStore(settings.files_dir),
-            catalog=ModelCatalog(settings.model_paths, settings.default_models),
+            catalog=ModelCatalog(settings.model_paths, settings.default_models, use_zoo=settings.use_zoo),
             queue=JobQueue(db, settings.lease_seconds),
         )
 

@@ -118,28 +118,61 @@ class Svc:
 ROLES = ("admin", "radiologist", "technologist", "auditor")
 
 
+_HASH: dict[str, str] = {}
+_SQLITE_TEMPLATE: dict[str, Path] = {}
+
+
+def _password_hash() -> str:
+    """One argon2 hash per test session (hashing is deliberately slow; users share the test password)."""
+    if not _HASH:
+        from medsight.serve.auth import hash_password
+
+        _HASH["h"] = hash_password(PASSWORD)
+    return _HASH["h"]
+
+
+def _sqlite_from_template(db_url: str) -> None:
+    """Copy a migrated empty SQLite database instead of running the migrations for every test."""
+    import tempfile
+
+    from medsight.serve.database import make_engine, upgrade
+
+    if "t" not in _SQLITE_TEMPLATE:
+        path = Path(tempfile.mkdtemp(prefix="medsight-tpl-")) / "template.db"
+        engine = make_engine(f"sqlite:///{path}")
+        upgrade(engine)
+        engine.dispose()  # the last connection to close checkpoints the WAL into the main file
+        _SQLITE_TEMPLATE["t"] = path
+    target = Path(db_url.removeprefix("sqlite:///"))
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_SQLITE_TEMPLATE["t"], target)
+
+
 def make_service(tmp_path: Path, db_url: str, models_dir: Path, **overrides: object) -> Svc:
     from fastapi.testclient import TestClient
 
     from medsight.serve.api import create_app
-    from medsight.serve.auth import create_user
+    from medsight.serve.auth import issue_token
     from medsight.serve.config import ServiceSettings
     from medsight.serve.context import ServiceContext
+    from medsight.serve.db import User
 
+    if db_url.startswith("sqlite:///"):
+        _sqlite_from_template(db_url)
     settings = ServiceSettings(data_dir=tmp_path / "data", database_url=db_url, model_paths=[models_dir],
-                               default_models={"CR": "tiny-xr"}, **overrides)
+                               default_models={"CR": "tiny-xr"}, use_zoo=False, **overrides)
     ctx = ServiceContext.build(settings)
+    headers = {}
     with ctx.db.session() as s:
         for role in ROLES:
-            create_user(s, f"{role}1", PASSWORD, role, full_name=f"Test {role}")
+            user = User(username=f"{role}1", password_hash=_password_hash(), role=role, full_name=f"Test {role}")
+            s.add(user)
+            s.flush()
+            raw, _ = issue_token(s, user, 1.0)
+            headers[role] = {"Authorization": f"Bearer {raw}"}
     app = create_app(settings, ctx=ctx)
-    client = TestClient(app)
-    headers = {}
-    for role in ROLES:
-        r = client.post("/api/auth/login", json={"username": f"{role}1", "password": PASSWORD})
-        assert r.status_code == 200, r.text
-        headers[role] = {"Authorization": f"Bearer {r.json()['token']}"}
-    return Svc(app, client, ctx, headers)
+    return Svc(app, TestClient(app), ctx, headers)
 
 
 @pytest.fixture
