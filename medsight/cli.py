@@ -273,6 +273,12 @@ app.command("export-reviews")(export_reviews_cmd)
 app.add_typer(db_app, name="db")
 
 
+from medsight.evaluate.cli import calibrate_cmd, ood_app, validate_cmd  # noqa: E402  (validation, recalibration, OOD)
+app.command("validate")(validate_cmd)
+app.command("calibrate")(calibrate_cmd)
+app.add_typer(ood_app, name="ood")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
