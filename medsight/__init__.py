@@ -17,11 +17,16 @@ from medsight.predict.predictor import Predictor
 from medsight.predict.result import Prediction, PredictionError
 
 
-def load_model(name_or_path: str | Path) -> Predictor:
-    """A ready-to-use model from the zoo (by name) or from a package directory."""
-    from medsight.models.registry import load
+def load_model(name_or_path: str | Path, backend: str = "torch") -> Predictor:
+    """A ready-to-use model from the zoo (by name) or from a package directory.
 
-    return Predictor(load(name_or_path))
+    ``backend`` is torch | onnx | onnx-int8 | auto (see :mod:`medsight.runtime`).
+    """
+    from medsight.models.registry import load
+    from medsight.runtime.backends import make_backend
+
+    package = load(name_or_path)
+    return Predictor(package, backend=make_backend(package, backend))
 
 
 def list_models() -> list[dict]:

@@ -76,17 +76,28 @@ def predict_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="same as --format json (one JSON object per line)")] = False,
     heatmap: Annotated[bool, typer.Option("--heatmap/--no-heatmap", help="compute and save Grad-CAM overlays")] = True,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    backend: Annotated[str, typer.Option(help="torch | onnx | onnx-int8 | auto (the fastest backend that met the accuracy rule, recorded in the card)")] = "auto",
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data over one SOURCE: folder, CSV manifest or .npz; results to OUT/results.parquet+csv)")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="--engine ray: address of an existing Ray cluster (default: start a local one)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="--engine ray: actors in the pool, one model copy each")] = 1,
 ) -> None:
     """Classify images; print findings with calibrated probabilities and a confidence statement."""
     from medsight import load_model
     from medsight.explain.overlay import save_overlay
     from medsight.predict.result import PredictionError
+    from medsight.runtime.pipeline import predict_stream
+    from medsight.runtime.settings import RuntimeSettings
+
+    if engine != "local":
+        from medsight.scale.cli import run_engine_cmd
+
+        return run_engine_cmd(engine, paths, model, backend, out_dir, heatmap, batch_size, address, workers, err)
 
     fmt = "json" if as_json else fmt
     if fmt not in ("table", "json", "csv"):
         _fail(ValueError(f"--format must be table, json or csv, not {fmt!r}"))
     try:
-        predictor = load_model(model)
+        predictor = load_model(model, backend=backend)
     except MedSightError as e:
         _fail(e)
     files = list(_expand(paths))
@@ -95,7 +106,8 @@ def predict_cmd(
     rows, failed = [], 0
     with _progress() as bar:
         task = bar.add_task("predicting", total=len(files))
-        for i, res in enumerate(predictor.predict_many(files, explain=heatmap, batch_size=batch_size)):
+        decode_workers = RuntimeSettings().decode_workers  # decoding overlaps inference (medsight.runtime.pipeline)
+        for i, res in enumerate(predict_stream(predictor, files, explain=heatmap, batch_size=batch_size, workers=decode_workers)):
             bar.advance(task)
             if isinstance(res, PredictionError):
                 failed += 1
@@ -277,6 +289,10 @@ from medsight.evaluate.cli import calibrate_cmd, ood_app, validate_cmd  # noqa: 
 app.command("validate")(validate_cmd)
 app.command("calibrate")(calibrate_cmd)
 app.add_typer(ood_app, name="ood")
+
+
+from medsight.runtime.cli import runtime_app  # noqa: E402  (fast inference backends)
+app.add_typer(runtime_app, name="runtime")
 
 
 def main() -> None:  # pragma: no cover

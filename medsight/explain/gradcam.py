@@ -5,17 +5,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms.utils import rescale_instance_array
 from monai.visualize import GradCAM
 
 from medsight.models.networks import FEATURE_LAYER, Classifier
 
 
+def _unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1], strongest evidence at 1.
+
+    MONAI's default post-processing (``default_normalizer``) maps the maximum to 0,
+    i.e. it *inverts* the map; a clinician must see the most important region hot.
+    """
+    return torch.as_tensor(rescale_instance_array(maps.detach().cpu().numpy(), 0.0, 1.0))
+
+
 def gradcam(network: Classifier, x: torch.Tensor, class_idx: int | list[int]) -> np.ndarray:
     """Heat maps in [0, 1] at the network's input size: (B, S, S) for a (B, C, S, S) batch.
 
-    MONAI normalises each map to [0, 1] per image; a flat map (no evidence) stays 0.
+    Each map is scaled to [0, 1] per image (hottest = 1); a flat map (no evidence) stays 0.
     """
-    cam = GradCAM(nn_module=network, target_layers=f"net.{FEATURE_LAYER}")
+    cam = GradCAM(nn_module=network, target_layers=f"net.{FEATURE_LAYER}", postprocessing=_unit_range)
     was_training = network.training
     network.eval()
     idx = torch.as_tensor(class_idx).reshape(-1)

@@ -82,6 +82,7 @@ class ModelCard(_Strict):
     thresholds: dict[str, float] = {}
     confidence: ConfidencePolicy = ConfidencePolicy()
     ood: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None  # fast-inference backend choice and int8 calibration (medsight.runtime)
     training: dict[str, Any] = {}
     validation_metrics: dict[str, MetricValue] = {}
     test_metrics: dict[str, MetricValue] = {}

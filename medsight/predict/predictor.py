@@ -15,13 +15,15 @@ import torch
 
 from medsight.errors import MedSightError
 from medsight.evaluate.calibration import probabilities
-from medsight.explain.gradcam import gradcam, resize_map
+from medsight.explain.gradcam import resize_map
 from medsight.io.datasets import LabeledDataset
 from medsight.io.image import MedImage
 from medsight.models.package import ModelPackage
 from medsight.models.preprocess import batch_to_tensor
 from medsight.predict.ood import load_ood
 from medsight.predict.result import Prediction, PredictionError
+from medsight.runtime.backends import ForwardOutput, InferenceBackend, TorchBackend
+from medsight.runtime.cam import class_activation_maps, pooled_features
 
 ImageLike = str | Path | MedImage | np.ndarray
 
@@ -37,10 +39,12 @@ def as_image(x: ImageLike) -> MedImage:
 
 
 class Predictor:
-    def __init__(self, package: ModelPackage):
+    def __init__(self, package: ModelPackage, backend: InferenceBackend | None = None):
         self.package = package
         self.card = package.card
         self.network = package.network.eval()
+        # The one step that differs per backend: tensor -> logits + last feature map (medsight.runtime).
+        self.backend = backend if backend is not None else TorchBackend(self.network)
         self._multilabel = self.card.task == "multilabel"
         self.ood = load_ood(package)  # None when the card has no OOD detector
 
@@ -49,9 +53,16 @@ class Predictor:
         return f"{self.card.name}@{self.card.version}"
 
     # -- probabilities -------------------------------------------------------
-    @torch.no_grad()
+    def forward(self, x: torch.Tensor, batch_size: int = 256) -> ForwardOutput:
+        """Logits and last feature maps of a preprocessed batch, through the chosen backend."""
+        if not len(x):
+            return ForwardOutput(np.zeros((0, self.card.num_outputs), np.float32), np.zeros((0, 0, 0, 0), np.float32))
+        return ForwardOutput.concat([self.backend.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
     def logits(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        return torch.cat([self.network(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy() if len(x) else np.zeros((0, self.card.num_outputs))
+        if not len(x):
+            return np.zeros((0, self.card.num_outputs), np.float32)
+        return np.concatenate([self.backend.forward(x[i : i + batch_size]).logits for i in range(0, len(x), batch_size)])
 
     def probs(self, images: Sequence[MedImage]) -> np.ndarray:
         x = batch_to_tensor(images, self.card.input)
@@ -107,10 +118,13 @@ class Predictor:
                 slots.append(PredictionError(str(it), str(e), type(e).__name__))
         if images:
             x = batch_to_tensor(images, self.card.input)
-            p = probabilities(self.logits(x), self.card.calibration.temperature, self._multilabel)
+            out = self.forward(x)
+            p = probabilities(out.logits, self.card.calibration.temperature, self._multilabel)
             decisions = [self.decide(row) for row in p]
-            maps = gradcam(self.network, x, [d[2] for d in decisions]) if explain else [None] * len(images)
-            ood = self.ood.score(self.network, x) if self.ood is not None else [None] * len(images)
+            # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.runtime.cam).
+            maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
+                                          [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
+            ood = self.ood.score_features(pooled_features(out.feature_maps)) if self.ood is not None else [None] * len(images)
             made = iter(
                 self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
             )

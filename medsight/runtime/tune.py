@@ -1,0 +1,162 @@
+"""Choose a model's fastest backend that keeps its accuracy, and record the choice in its card.
+
+For one package and its recipe's data this
+
+1. exports the network to ONNX and measures the largest logit difference from
+   PyTorch over the whole official test split (rule: <= 1e-4);
+2. measures int8 activation ranges on a seeded sample of *training* images, builds the
+   int8 model, and measures its test AUC (rule: at most 0.005 below PyTorch's);
+3. times every backend on the same test images (median of repeated passes at
+   the engine's batch size);
+4. writes ``card.runtime``: the choice (fastest backend meeting its rule), why, all
+   measurements, and the int8 calibration ranges, so any machine can rebuild the
+   same int8 model without the training data.
+
+Only ``card.runtime`` is changed, on a card re-read just before writing, so fields
+other tools maintain (``ood``, metrics) are never overwritten with stale values.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsight._version import __version__
+from medsight.errors import BackendError
+from medsight.evaluate.calibration import probabilities
+from medsight.evaluate.metrics import Scorer
+from medsight.io.datasets import LabeledDataset
+from medsight.models.card import ModelCard
+from medsight.models.package import ModelPackage, load_package, read_card, write_card
+from medsight.models.preprocess import batch_to_tensor
+from medsight.runtime.backends import InferenceBackend, OnnxBackend, TorchBackend
+from medsight.runtime.cache import int8_model_path, onnx_model_path
+from medsight.runtime.quantize import METHOD, calibration_sample, measure_calibration
+from medsight.runtime.settings import RuntimeSettings
+
+
+@dataclass(frozen=True)
+class AccuracyRule:
+    max_abs_logit_diff: float = 1e-4  # fp32 ONNX vs PyTorch, every test image
+    max_auc_drop: float = 0.005  # int8 vs PyTorch, official test split
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    rule: AccuracyRule = AccuracyRule()
+    calibration_images: int = 256
+    batch_size: int = 32
+    timing_images: int = 256
+    timing_repeats: int = 5
+    seed: int = 0
+
+
+def split_tensor(pkg: ModelPackage, ds: LabeledDataset, batch: int = 256) -> torch.Tensor:
+    """Every test image through the one preprocessing path."""
+    parts = [batch_to_tensor([ds.image(j) for j in range(i, min(i + batch, len(ds)))], pkg.card.input) for i in range(0, len(ds), batch)]
+    return torch.cat(parts)
+
+
+def _logits(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    return np.concatenate([backend.forward(x[i : i + batch_size]).logits for i in range(0, len(x), batch_size)])
+
+
+def auc(card: ModelCard, y: np.ndarray, logits: np.ndarray) -> float | None:
+    """The card's test metric AUC (binary: positive class; multi-class: macro one-vs-rest)."""
+    p = probabilities(logits, card.calibration.temperature, card.task == "multilabel")
+    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
+                    card.thresholds.get(card.positive_label or "", 0.5))
+    return scorer(y, p).get("auc")
+
+
+def images_per_second(backend: InferenceBackend, x: torch.Tensor, batch_size: int, repeats: int) -> float:
+    """Median throughput over ``repeats`` passes over ``x`` (after one warm-up pass)."""
+    def one_pass() -> float:
+        t = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            backend.forward(x[i : i + batch_size])
+        return time.perf_counter() - t
+
+    one_pass()
+    return len(x) / statistics.median(one_pass() for _ in range(repeats))
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    from medsight.runtime.settings import available_cores
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": available_cores(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "date": str(date.today())}
+
+
+def choose(candidates: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Fastest eligible backend, and a sentence saying why."""
+    eligible = {k: v for k, v in candidates.items() if v["eligible"]}
+    best = max(eligible, key=lambda k: eligible[k]["images_per_s"])
+    speed = ", ".join(f"{k} {v['images_per_s']:.0f}/s" for k, v in candidates.items())
+    excluded = [f"{k} ({v['why']})" for k, v in candidates.items() if not v["eligible"]]
+    return best, (f"fastest backend meeting the accuracy rule ({speed})"
+                  + (f"; excluded: {'; '.join(excluded)}" if excluded else ""))
+
+
+def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, settings: RuntimeSettings | None = None,
+         cfg: TuneConfig = TuneConfig(), write: bool = True) -> dict[str, Any]:
+    """Measure every backend on ``test``, choose, and (``write``) store ``card.runtime``. Returns it."""
+    settings = settings or RuntimeSettings()
+    d = Path(package_dir)
+    pkg = load_package(d)
+    card = pkg.card
+    x = split_tensor(pkg, test)
+    torch_b = TorchBackend(pkg.network)
+    onnx_b = OnnxBackend(onnx_model_path(pkg, settings), settings, "onnx")
+    calib_ds = train.subset(calibration_sample(train, cfg.calibration_images, cfg.seed))
+    calibration = measure_calibration(onnx_b.model_path, calib_ds, card.input)
+    int8_b = OnnxBackend(int8_model_path(pkg, settings, calibration), settings, "onnx-int8")
+
+    ref = _logits(torch_b, x, cfg.batch_size)
+    ref_auc = auc(card, test.y, ref)
+    timing_x = x[: cfg.timing_images]
+    candidates: dict[str, dict[str, Any]] = {}
+    for b in (torch_b, onnx_b, int8_b):
+        lg = ref if b is torch_b else _logits(b, x, cfg.batch_size)
+        a = auc(card, test.y, lg)
+        diff = float(np.abs(lg - ref).max())
+        entry: dict[str, Any] = {"images_per_s": round(images_per_second(b, timing_x, cfg.batch_size, cfg.timing_repeats), 1),
+                                 "test_auc": a, "max_abs_logit_diff": diff,
+                                 "auc_drop": None if a is None or ref_auc is None else ref_auc - a}
+        if b is torch_b:
+            entry.update(eligible=True, why="reference")
+        elif b is onnx_b:
+            ok = diff <= cfg.rule.max_abs_logit_diff
+            entry.update(eligible=ok, why=f"max |logit - torch| {diff:.2e} {'<=' if ok else '>'} {cfg.rule.max_abs_logit_diff:g}")
+        else:
+            ok = entry["auc_drop"] is not None and entry["auc_drop"] <= cfg.rule.max_auc_drop
+            drop = "n/a" if entry["auc_drop"] is None else f"{entry['auc_drop']:.4f}"
+            entry.update(eligible=ok, why=f"test AUC drop {drop} {'<=' if ok else '>'} {cfg.rule.max_auc_drop}")
+        candidates[b.name] = entry
+    choice, reason = choose(candidates)
+    runtime = {
+        "backend": choice, "reason": reason, "weights_sha256": card.weights_sha256,
+        "rule": asdict(cfg.rule), "test_set": f"{test.name} (n={len(test)})",
+        "timing": {"batch_size": cfg.batch_size, "images": int(len(timing_x)), "repeats": cfg.timing_repeats,
+                   "threads": settings.intra_op_threads},
+        "machine": machine(), "candidates": candidates, "medsight_version": __version__,
+        "int8": {"method": METHOD, "calibration_set": f"{train.name}: {len(calib_ds)} images (seed {cfg.seed})",
+                 "calibration": calibration},
+    }
+    if write:
+        fresh = read_card(d)
+        if fresh.weights_sha256 != card.weights_sha256:
+            raise BackendError(f"{d}: weights changed while tuning; run again")
+        fresh.runtime = runtime
+        write_card(fresh, d)
+    return runtime

@@ -1,0 +1,121 @@
+"""int8 quantisation and the measured backend choice written to the card."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsight.errors import BackendError
+from medsight.io.datasets import load_npz
+from medsight.models.package import load_package, read_card, write_card
+from medsight.models.preprocess import batch_to_tensor
+from medsight.predict.predictor import Predictor
+from medsight.runtime.backends import make_backend
+from medsight.runtime.cache import int8_model_path
+from medsight.runtime.settings import RuntimeSettings
+from medsight.runtime.tune import TuneConfig, auc, choose, split_tensor, tune
+
+NAMES = ["bar", "disc"]
+FAST = TuneConfig(calibration_images=64, timing_images=64, timing_repeats=2)
+
+
+def test_choose_is_the_fastest_eligible_backend():
+    c = {"torch": {"images_per_s": 100.0, "eligible": True, "why": "reference"},
+         "onnx": {"images_per_s": 150.0, "eligible": True, "why": "ok"},
+         "onnx-int8": {"images_per_s": 400.0, "eligible": False, "why": "test AUC drop 0.0100 > 0.005"}}
+    best, reason = choose(c)
+    assert best == "onnx" and "onnx-int8 (test AUC drop 0.0100 > 0.005)" in reason
+    c["onnx"]["eligible"] = False
+    assert choose(c)[0] == "torch"
+    c["onnx-int8"]["eligible"] = True
+    assert choose(c)[0] == "onnx-int8"
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_package, tiny_npz, tmp_path_factory):
+    """A tuned copy of the tiny package; another tool edits its card while tuning runs."""
+    import shutil
+
+    import medsight.runtime.tune as tune_module
+
+    d = shutil.copytree(tiny_package, tmp_path_factory.mktemp("tuned") / "tiny")
+    real = tune_module.measure_calibration
+
+    def concurrent_edit(*args, **kw):
+        card = read_card(d)
+        card.limitations = [*card.limitations, "edited by another tool during tuning"]
+        write_card(card, d)
+        return real(*args, **kw)
+
+    settings = RuntimeSettings(cache_dir=tmp_path_factory.mktemp("cache"), intra_op_threads=1, decode_workers=0)
+    train, test = load_npz(tiny_npz, "train", NAMES), load_npz(tiny_npz, "test", NAMES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tune_module, "measure_calibration", concurrent_edit)
+        rt = tune(d, train, test, settings, FAST)
+    return d, rt, settings, test
+
+
+def test_tune_records_measurements_and_keeps_other_fields(tuned):
+    d, rt, _, test = tuned
+    card = read_card(d)
+    assert card.runtime == rt and card.limitations[-1] == "edited by another tool during tuning"
+    assert set(rt["candidates"]) == {"torch", "onnx", "onnx-int8"}
+    assert rt["weights_sha256"] == card.weights_sha256
+    c = rt["candidates"]
+    assert c["onnx"]["max_abs_logit_diff"] <= 1e-4 and c["onnx"]["eligible"]
+    assert c["onnx-int8"]["eligible"] == (c["onnx-int8"]["auc_drop"] <= 0.005)
+    eligible = [k for k, v in c.items() if v["eligible"]]
+    assert rt["backend"] == max(eligible, key=lambda k: c[k]["images_per_s"])
+    # the recorded AUC is the card-calibrated AUC recomputed independently
+    pkg = load_package(d)
+    probs = Predictor(pkg).predict_dataset_probs(test)
+    from sklearn.metrics import roc_auc_score
+
+    assert c["torch"]["test_auc"] == pytest.approx(roc_auc_score(test.y, probs[:, 1]))
+
+
+def test_int8_rebuilds_from_the_card_alone(tuned, tmp_path):
+    """A fresh machine (empty cache, no training data) rebuilds the same int8 model from card.runtime."""
+    d, rt, settings, test = tuned
+    pkg = load_package(d)
+    x = split_tensor(pkg, test)
+    first = make_backend(pkg, "onnx-int8", settings).forward(x).logits
+    fresh = RuntimeSettings(cache_dir=tmp_path, intra_op_threads=1, decode_workers=0)
+    again = make_backend(pkg, "onnx-int8", fresh)
+    np.testing.assert_array_equal(again.forward(x).logits, first)
+    assert again.model_path.parent == tmp_path / "onnx"
+    assert auc(pkg.card, test.y, first) == pytest.approx(rt["candidates"]["onnx-int8"]["test_auc"])
+    # it is a real int8 model: quantised weights, and logits close to (not equal to) fp32
+    import onnx
+
+    types = {i.data_type for i in onnx.load(again.model_path).graph.initializer}
+    assert onnx.TensorProto.INT8 in types
+    ref = make_backend(pkg, "torch").forward(x).logits
+    assert 0 < np.abs(first - ref).max() < 1.0
+
+
+def test_auto_uses_the_recorded_choice(tuned):
+    d, rt, settings, _ = tuned
+    assert make_backend(load_package(d), "auto", settings).name == rt["backend"]
+
+
+def test_calibration_for_other_weights_is_refused(tuned):
+    d, _, settings, _ = tuned
+    pkg = load_package(d)
+    pkg.card.runtime = dict(pkg.card.runtime, weights_sha256="0" * 64)
+    with pytest.raises(BackendError, match="other weights"):
+        int8_model_path(pkg, settings)
+
+
+def test_calibration_reader_uses_the_one_preprocessing(tiny_package, tiny_npz):
+    from medsight.runtime.quantize import DatasetCalibrationReader
+
+    pkg = load_package(tiny_package)
+    ds = load_npz(tiny_npz, "val", NAMES).subset(range(10))
+    reader = DatasetCalibrationReader(ds, pkg.card.input, batch_size=4)
+    batches = []
+    while (b := reader.get_next()) is not None:
+        batches.append(b["input"])
+    assert [len(b) for b in batches] == [4, 4, 2]
+    expected = batch_to_tensor([ds.image(i) for i in range(10)], pkg.card.input).numpy()
+    np.testing.assert_array_equal(np.concatenate(batches), expected)
