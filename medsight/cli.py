@@ -274,6 +274,7 @@ def demo_cmd(out_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("demo-
 
 from medsight.dicom.cli import deid_cmd, dicom_app  # noqa: E402  (hospital integration commands)
 app.command("deid")(deid_cmd)
+app.add_typer(dicom_app, name="dicom")
 
 
 from medsight.serve.cli import audit_app, db_app, export_reviews_cmd, serve_cmd, users_app, worker_cmd  # noqa: E402  (clinical service)
