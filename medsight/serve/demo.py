@@ -37,7 +37,7 @@ def load_demo_studies(ctx: ServiceContext, console: Console | None = None) -> li
             modality = None if path.suffix.lower() == ".dcm" else _first_modality(card.modality)
             study = ingest(ctx, UploadRequest([(path.name, path)], modality, card.name,
                                               DEMO_PRIORITY.get(path.name, "routine"), f"DEMO-{k:02d}",
-                                              f"demo sample: {e.get('truth') or e.get('note', '')}"[:250]), actor)
+                                              (f"demo sample, reference label {e['truth']}" if e.get("truth") else f"demo sample: {e.get('note', '')}")[:250]), actor)
             ids.append(study.id)
         except MedSightError as err:
             console.print(f"demo: skipped {e.get('file') or e.get('pydicom_data')}: {err}", highlight=False)
