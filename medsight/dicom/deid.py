@@ -42,7 +42,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
 
 from medsight.dicom.files import atomic_write_dataset
 from medsight.dicom.profile import (

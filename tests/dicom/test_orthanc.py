@@ -113,7 +113,7 @@ def round_trip(predictor, tmp_path_factory):
     listener_port = free_port()
     pacs = OrthancServer(folder, listener_port)
     callback = DefaultStudyCallback(folder / "medsight", model="unused", dest=f"ORTHANC@127.0.0.1:{pacs.dicom_port}", predictor=predictor)
-    cfg = ListenerConfig(port=listener_port, data_dir=folder / "medsight", allowed_calling_aets=("ORTHANC",), idle_timeout=1.0)
+    cfg = ListenerConfig(port=listener_port, data_dir=folder / "medsight", allowed_calling_aets=("ORTHANC",), idle_timeout=3.0)
     scp = StorageSCP(cfg, on_study_complete=callback).start()
     try:
         for name in CT_STUDY:  # the hospital's modality stores the study into the PACS

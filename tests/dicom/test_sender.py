@@ -120,7 +120,7 @@ def test_default_callback_analyses_the_study_and_sends_sr_and_overlays(predictor
     receiver = pacs(tmp_path)
     try:
         callback = DefaultStudyCallback(tmp_path / "gw", model="unused", dest=f"PACS@127.0.0.1:{receiver.port}", predictor=predictor)
-        gateway = StorageSCP(ListenerConfig(port=0, data_dir=tmp_path / "gw", allowed_calling_aets=("MODALITY",), idle_timeout=0.3),
+        gateway = StorageSCP(ListenerConfig(port=0, data_dir=tmp_path / "gw", allowed_calling_aets=("MODALITY",), idle_timeout=1.5),
                              on_study_complete=callback).start()
         try:
             ae = AE(ae_title="MODALITY")
