@@ -148,3 +148,26 @@ def test_default_callback_analyses_the_study_and_sends_sr_and_overlays(predictor
     from medsight.dicom.pipeline import is_own_output
 
     assert all(is_own_output(r) for r in results)
+
+
+def test_cli_send_and_retry(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+
+    runner = CliRunner()
+    port = free_port()
+    outbox = tmp_path / "outbox"
+    files = [str(DATA / n) for n in CT_STUDY]
+    r = runner.invoke(app, ["dicom", "send", *files, "--dest", f"PACS@127.0.0.1:{port}", "--outbox", str(outbox)])
+    assert r.exit_code == 1 and "still queued 2" in r.output  # nobody listening: kept, exit 1
+    receiver = pacs(tmp_path, port=port)
+    try:
+        r = runner.invoke(app, ["dicom", "retry", "--dest", f"PACS@127.0.0.1:{port}", "--outbox", str(outbox)])
+        assert r.exit_code == 0, r.output
+        assert "sent 2, still queued 0" in r.output
+        assert len(receiver.received()) == 2
+    finally:
+        receiver.stop()
+    r = runner.invoke(app, ["dicom", "send", files[0], "--dest", "not-a-destination"])
+    assert r.exit_code == 2 and "neither AE@host:port" in r.output
