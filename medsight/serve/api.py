@@ -305,7 +305,11 @@ def api_router() -> APIRouter:
             if inst is None:
                 raise LookupError(f"instance {instance_id} not found")
             sha, study_id = inst.file_sha256, inst.study_id
+            rendered = s.execute(select(Result.display_sha256).where(Result.instance_id == instance_id)
+                                 .order_by(Result.id.desc()).limit(1)).scalar_one_or_none()
             audit_log.record(s, p.actor, "image.read", "study", study_id, instance=instance_id)
+        if rendered:  # the worker already rendered it: no second decode of a large DICOM
+            return png(ctx.store.read_bytes(rendered))
         return png(display_png(read_image(ctx.store.path_for(sha))))
 
     def _result_png(result_id: int, ctx: ServiceContext, p: Principal, which: str) -> Response:

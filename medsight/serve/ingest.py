@@ -223,3 +223,13 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
 
 def _epoch(naive_utc: datetime) -> float:
     return naive_utc.replace(tzinfo=timezone.utc).timestamp()
+
+
+def ingest_files(ctx: ServiceContext, paths: list[Path], actor: Actor | None = None, **request: object) -> Study:
+    """Files already on disk (e.g. a study the DICOM listener has completed) become a queued study.
+
+    The files are copied into storage; the originals are left where they are.
+    ``request`` takes the :class:`UploadRequest` fields (``model``, ``priority``, ...).
+    """
+    req = UploadRequest([(Path(p).name, Path(p)) for p in paths], **request)  # type: ignore[arg-type]
+    return ingest(ctx, req, actor or Actor("dicom-listener", "system"))

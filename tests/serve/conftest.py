@@ -44,26 +44,78 @@ def _pg_base_url() -> tuple[str | None, str]:
 _PG = _pg_base_url()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL for a fresh, empty database (SQLite file or PostgreSQL schema)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'svc.db'}"
-        return
+def _pg_schema() -> tuple[str, str, str]:
+    """A new, uniquely named schema: (SQLAlchemy URL that uses it, libpq conninfo, schema name)."""
+    import psycopg
+
     base, why = _PG
     if base is None:
         pytest.skip(why)
-    import psycopg
-
     schema = f"ms_test_{uuid.uuid4().hex[:12]}"
     conninfo = base.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(conninfo, autocommit=True) as c:
         c.execute(f'CREATE SCHEMA "{schema}"')
+    return f"{base}?options=-csearch_path%3D{schema}", conninfo, schema
+
+
+def _drop_schema(conninfo: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for a fresh, EMPTY database (SQLite file or PostgreSQL schema): for migration tests."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'svc.db'}"
+        return
+    url, conninfo, schema = _pg_schema()
     try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
+        yield url
     finally:
-        with psycopg.connect(conninfo, autocommit=True) as c:
-            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        _drop_schema(conninfo, schema)
+
+
+@pytest.fixture(scope="session")
+def pg_migrated() -> Iterator[str]:
+    """One migrated schema for this test session; each service test starts from it truncated."""
+    from medsight.serve.database import make_engine, upgrade
+
+    url, conninfo, schema = _pg_schema()
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        _drop_schema(conninfo, schema)
+
+
+def _truncate(url: str) -> None:
+    """Empty every table (TRUNCATE fires no row triggers, so the append-only tables empty too)."""
+    from sqlalchemy import text
+
+    from medsight.serve.database import make_engine
+    from medsight.serve.db import Base
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        names = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database for a service test (SQLite: a copy of a migrated file; PostgreSQL: a truncated schema)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'svc.db'}"
+        return
+    url = request.getfixturevalue("pg_migrated")
+    _truncate(url)
+    yield url
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +228,8 @@ def make_service(tmp_path: Path, db_url: str, models_dir: Path, **overrides: obj
 
 
 @pytest.fixture
-def svc(tmp_path: Path, db_url: str, models_dir: Path) -> Iterator[Svc]:
-    s = make_service(tmp_path, db_url, models_dir)
+def svc(tmp_path: Path, service_db_url: str, models_dir: Path) -> Iterator[Svc]:
+    s = make_service(tmp_path, service_db_url, models_dir)
     yield s
     s.client.close()
     s.ctx.close()

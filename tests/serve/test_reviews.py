@@ -84,7 +84,9 @@ def test_review_validation(svc) -> None:  # noqa: ANN001
     assert svc.client.post(f"/api/studies/{sid}/reviews", headers=svc.headers["admin"], json={"label": "disc"}).status_code == 403
 
 
-def test_upload_review_export_finetune_end_to_end(svc, shape_pngs, tmp_path: Path) -> None:  # noqa: ANN001
+def test_upload_review_export_finetune_end_to_end(svc_sqlite, shape_pngs, tmp_path: Path) -> None:  # noqa: ANN001
+    """The storage and API it uses are covered on both databases elsewhere; training does not touch the database."""
+    svc = svc_sqlite
     from medsight import load_model
     from medsight.cli import app
     from medsight.io.datasets import load_dataset
