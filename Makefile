@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.medsight-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo serve test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medsight demo --out demo-output
+
+serve: $(STAMP)
+	$(BIN)/medsight serve --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
