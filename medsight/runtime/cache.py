@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from medsight.errors import BackendError
-from medsight.models.package import ModelPackage
+from medsight.models.package import ModelPackage, sha256_of
 from medsight.runtime.export import EXPORT_FORMAT, export_onnx
 from medsight.runtime.settings import RuntimeSettings
 
 WEIGHTS_KEY = "medsight.weights_sha256"
+#: int8 activation ranges inside a package (ONNX Runtime calibration-cache JSON), written by `medsight runtime tune`
+CALIBRATION_FILE = "int8_calibration.json"
 
 
 def _writable_cache(settings: RuntimeSettings) -> Path:
@@ -52,15 +54,23 @@ def onnx_model_path(package: ModelPackage, settings: RuntimeSettings) -> Path:
 
 
 def int8_calibration(package: ModelPackage) -> dict[str, Any]:
-    """The card's int8 activation ranges, checked to belong to these weights."""
+    """The package's int8 activation ranges (file named in card.runtime), checked like the weights."""
     rt = package.card.runtime or {}
-    calib = (rt.get("int8") or {}).get("calibration")
+    info = rt.get("int8") or {}
     name = package.card.name
-    if not calib:
+    if not info.get("calibration_file"):
         raise BackendError(f"{name}: the card has no int8 calibration; run `medsight runtime tune {name}` with the training data first")
     if rt.get("weights_sha256") != package.card.weights_sha256:
         raise BackendError(f"{name}: the card's int8 calibration was measured for other weights; re-run `medsight runtime tune {name}`")
-    return calib
+    if package.path is None:
+        raise BackendError(f"{name}: the package has no directory to read {info['calibration_file']} from")
+    path = Path(package.path) / info["calibration_file"]
+    if not path.is_file():
+        raise BackendError(f"{path}: int8 calibration named in the card is missing; re-run `medsight runtime tune {name}`")
+    digest = sha256_of(path)
+    if digest != info.get("calibration_sha256"):
+        raise BackendError(f"{path}: sha256 {digest} does not match the card; refusing to build an int8 model from it")
+    return json.loads(path.read_text())
 
 
 def int8_model_path(package: ModelPackage, settings: RuntimeSettings, calibration: dict[str, Any] | None = None) -> Path:

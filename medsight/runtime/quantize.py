@@ -6,8 +6,8 @@ quantisation leaves the convolutions in float or runs them as slow ``ConvInteger
 
 Static quantisation needs activation ranges measured on representative images.
 They are measured once, on training images, by ``medsight runtime tune`` and stored
-in the model card (``card.runtime["int8"]["calibration"]``, ONNX Runtime's own
-calibration-cache JSON). The int8 file itself is derived data: it is rebuilt from
+in the model package (``int8_calibration.json``, ONNX Runtime's own calibration-cache
+JSON, its sha256 in ``card.runtime["int8"]``). The int8 file itself is derived data: it is rebuilt from
 the fp32 export and those ranges on first use, so the repository never stores it
 and every machine gets the same int8 model.
 

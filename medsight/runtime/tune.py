@@ -8,9 +8,10 @@ For one package and its recipe's data this
    int8 model, and measures its test AUC (rule: at most 0.005 below PyTorch's);
 3. times every backend on the same test images (median of repeated passes at
    the engine's batch size);
-4. writes ``card.runtime``: the choice (fastest backend meeting its rule), why, all
-   measurements, and the int8 calibration ranges, so any machine can rebuild the
-   same int8 model without the training data.
+4. writes the int8 calibration ranges to ``int8_calibration.json`` in the package
+   (its sha256 goes in the card, like the weights'), so any machine can rebuild the
+   same int8 model without the training data, and ``card.runtime``: the choice
+   (fastest backend meeting its rule), why, and all measurements.
 
 Only ``card.runtime`` is changed, on a card re-read just before writing, so fields
 other tools maintain (``ood``, metrics) are never overwritten with stale values.
@@ -18,8 +19,11 @@ other tools maintain (``ood``, metrics) are never overwritten with stale values.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -35,10 +39,11 @@ from medsight.evaluate.calibration import probabilities
 from medsight.evaluate.metrics import Scorer
 from medsight.io.datasets import LabeledDataset
 from medsight.models.card import ModelCard
-from medsight.models.package import ModelPackage, load_package, read_card, write_card
+from medsight.models.package import ModelPackage, load_package, read_card, sha256_of, write_card
 from medsight.models.preprocess import batch_to_tensor
 from medsight.runtime.backends import InferenceBackend, OnnxBackend, TorchBackend
-from medsight.runtime.cache import int8_model_path, onnx_model_path
+from medsight.runtime.cache import CALIBRATION_FILE, int8_model_path, onnx_model_path
+from medsight.runtime.cam import class_activation_maps
 from medsight.runtime.quantize import METHOD, calibration_sample, measure_calibration
 from medsight.runtime.settings import RuntimeSettings
 
@@ -69,6 +74,21 @@ def _logits(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> np.n
     return np.concatenate([backend.forward(x[i : i + batch_size]).logits for i in range(0, len(x), batch_size)])
 
 
+def heatmap_agreement(pkg: ModelPackage, backend: InferenceBackend, reference: InferenceBackend, x: torch.Tensor,
+                      batch_size: int) -> dict[str, float]:
+    """Pearson correlation of each image's heat map (reference's top class) with the reference backend's."""
+    w = pkg.network.net.fc.weight.detach().numpy()
+    size = pkg.card.input.size
+    corr = []
+    for i in range(0, len(x), batch_size):
+        ref = reference.forward(x[i : i + batch_size])
+        got = backend.forward(x[i : i + batch_size])
+        k = ref.logits.argmax(axis=1).tolist()
+        a, b = class_activation_maps(ref.feature_maps, w, k, size), class_activation_maps(got.feature_maps, w, k, size)
+        corr += [float(np.corrcoef(u.ravel(), v.ravel())[0, 1]) for u, v in zip(a, b) if u.std() > 0 and v.std() > 0]
+    return {"heatmap_corr_median": round(float(np.median(corr)), 4), "heatmap_corr_min": round(float(np.min(corr)), 4)} if corr else {}
+
+
 def auc(card: ModelCard, y: np.ndarray, logits: np.ndarray) -> float | None:
     """The card's test metric AUC (binary: positive class; multi-class: macro one-vs-rest)."""
     p = probabilities(logits, card.calibration.temperature, card.task == "multilabel")
@@ -94,8 +114,19 @@ def machine() -> dict[str, Any]:
 
     from medsight.runtime.settings import available_cores
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": available_cores(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "date": str(date.today())}
+    # The load average says how much other work shared the CPU while timing (timings are relative).
+    return {"cpu": cpu_model(), "cores": available_cores(), "load_average_1min": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "date": str(date.today())}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def choose(candidates: dict[str, dict[str, Any]]) -> tuple[str, str]:
@@ -132,7 +163,8 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
         diff = float(np.abs(lg - ref).max())
         entry: dict[str, Any] = {"images_per_s": round(images_per_second(b, timing_x, cfg.batch_size, cfg.timing_repeats), 1),
                                  "test_auc": a, "max_abs_logit_diff": diff,
-                                 "auc_drop": None if a is None or ref_auc is None else ref_auc - a}
+                                 "auc_drop": None if a is None or ref_auc is None else ref_auc - a,
+                                 **({} if b is torch_b else heatmap_agreement(pkg, b, torch_b, timing_x, cfg.batch_size))}
         if b is torch_b:
             entry.update(eligible=True, why="reference")
         elif b is onnx_b:
@@ -151,12 +183,24 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
                    "threads": settings.intra_op_threads},
         "machine": machine(), "candidates": candidates, "medsight_version": __version__,
         "int8": {"method": METHOD, "calibration_set": f"{train.name}: {len(calib_ds)} images (seed {cfg.seed})",
-                 "calibration": calibration},
+                 "calibration_file": CALIBRATION_FILE, "calibration_sha256": None},
     }
     if write:
+        runtime["int8"]["calibration_sha256"] = _write_json(d / CALIBRATION_FILE, calibration)
         fresh = read_card(d)
         if fresh.weights_sha256 != card.weights_sha256:
             raise BackendError(f"{d}: weights changed while tuning; run again")
         fresh.runtime = runtime
         write_card(fresh, d)
     return runtime
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> str:
+    """Atomic write (a reader never sees half a file); returns the file's sha256."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calib-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return sha256_of(path)

@@ -18,7 +18,7 @@ without it (``pip install medsight[ray]``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ from typing import Any
 import pandas as pd
 
 from medsight.errors import EngineUnavailableError
+from medsight.io.image import MedImage
 from medsight.predict.predictor import Predictor
+from medsight.runtime.pipeline import predict_stream
 from medsight.runtime.settings import RuntimeSettings
 from medsight.scale.rows import result_row, rows_frame
 from medsight.scale.sources import InputReader, list_records
@@ -126,24 +128,45 @@ class _ResultWriter:
             self._pq_writer.close()
 
 
-def _chunks(records: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    for i in range(0, len(records), size):
-        yield records[i : i + size]
+class LazyInputs(Sequence):
+    """Records as predictor inputs, read on access (so decode workers read them, not the caller)."""
+
+    def __init__(self, records: list[dict[str, Any]], reader: InputReader):
+        self.records, self.reader = records, reader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> str | MedImage:  # type: ignore[override]
+        return self.reader.load_input(self.records[i])
 
 
 def run_local(job: BatchJob, settings: RuntimeSettings | None = None,
               on_progress: Callable[[int, int], None] | None = None) -> BatchSummary:
-    """The in-process engine: the reference the Ray engine must reproduce."""
+    """The in-process engine (decoding overlapped in ``settings.decode_workers`` processes).
+
+    It is the reference the Ray engine must reproduce: same records, same Predictor
+    batches, same rows.
+    """
     settings = settings or RuntimeSettings()
     t0 = time.perf_counter()
     records = list_records(job.source, job.split)
     predictor = _build_predictor(job.model, job.backend, settings)
     writer = _ResultWriter(job.out_dir, predictor.card.labels)
     heat_dir = job.out_dir / "heatmaps" if job.heatmaps else None
-    reader = InputReader()
+    results = predict_stream(predictor, LazyInputs(records, InputReader()), explain=heat_dir is not None,
+                             batch_size=job.batch_size, workers=settings.decode_workers)
+    rows: list[dict[str, Any]] = []
     try:
-        for chunk in _chunks(records, job.batch_size):
-            writer.write(pd.DataFrame(classify_records(predictor, reader, chunk, heat_dir)))
+        for rec, res in zip(records, results):
+            rows.append(result_row(int(rec["index"]), res, predictor, heat_dir))
+            if len(rows) == job.batch_size:
+                writer.write(pd.DataFrame(rows))
+                rows = []
+                if on_progress:
+                    on_progress(writer.n, len(records))
+        if rows:
+            writer.write(pd.DataFrame(rows))
             if on_progress:
                 on_progress(writer.n, len(records))
     finally:

@@ -59,6 +59,7 @@ def test_tune_records_measurements_and_keeps_other_fields(tuned):
     d, rt, _, test = tuned
     card = read_card(d)
     assert card.runtime == rt and card.limitations[-1] == "edited by another tool during tuning"
+    assert (d / rt["int8"]["calibration_file"]).is_file() and len(rt["int8"]["calibration_sha256"]) == 64
     assert set(rt["candidates"]) == {"torch", "onnx", "onnx-int8"}
     assert rt["weights_sha256"] == card.weights_sha256
     c = rt["candidates"]
@@ -75,7 +76,7 @@ def test_tune_records_measurements_and_keeps_other_fields(tuned):
 
 
 def test_int8_rebuilds_from_the_card_alone(tuned, tmp_path):
-    """A fresh machine (empty cache, no training data) rebuilds the same int8 model from card.runtime."""
+    """A fresh machine (empty cache, no training data) rebuilds the same int8 model from the package alone."""
     d, rt, settings, test = tuned
     pkg = load_package(d)
     x = split_tensor(pkg, test)
@@ -105,6 +106,25 @@ def test_calibration_for_other_weights_is_refused(tuned):
     pkg.card.runtime = dict(pkg.card.runtime, weights_sha256="0" * 64)
     with pytest.raises(BackendError, match="other weights"):
         int8_model_path(pkg, settings)
+
+
+def test_tampered_calibration_file_is_refused(tuned, tmp_path):
+    import json
+    import shutil
+
+    d, rt, _, _ = tuned
+    copy = shutil.copytree(d, tmp_path / "pkg")
+    calib_file = copy / rt["int8"]["calibration_file"]
+    data = json.loads(calib_file.read_text())
+    first = next(iter(data["data"].values()))
+    first["highest"]["data"] = [v * 10 for v in first["highest"]["data"]]
+    calib_file.write_text(json.dumps(data))
+    fresh = RuntimeSettings(cache_dir=tmp_path / "cache", intra_op_threads=1, decode_workers=0)
+    with pytest.raises(BackendError, match="does not match the card"):
+        make_backend(load_package(copy), "onnx-int8", fresh)
+    calib_file.unlink()
+    with pytest.raises(BackendError, match="is missing"):
+        make_backend(load_package(copy), "onnx-int8", fresh)
 
 
 def test_calibration_reader_uses_the_one_preprocessing(tiny_package, tiny_npz):
