@@ -23,7 +23,7 @@ from medsight.models.preprocess import batch_to_tensor
 from medsight.predict.ood import load_ood
 from medsight.predict.result import Prediction, PredictionError
 from medsight.runtime.backends import ForwardOutput, InferenceBackend, TorchBackend
-from medsight.runtime.cam import class_activation_maps, pooled_features
+from medsight.runtime.cam import class_activation_maps
 
 ImageLike = str | Path | MedImage | np.ndarray
 
@@ -124,7 +124,8 @@ class Predictor:
             # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.runtime.cam).
             maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
                                           [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
-            ood = self.ood.score_features(pooled_features(out.feature_maps)) if self.ood is not None else [None] * len(images)
+            # OOD statistics come from the early layers of the torch network (medsight.predict.ood)
+            ood = self.ood.score(self.network, x) if self.ood is not None else [None] * len(images)
             made = iter(
                 self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
             )
