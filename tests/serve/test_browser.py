@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def server(tmp_path: Path, models_dir: Path, shape_pngs):  # noqa: ANN001, ANN20
     from medsight.serve.auth import create_user
     from medsight.serve.config import ServiceSettings
     from medsight.serve.context import ServiceContext
+    from medsight.serve.worker import Worker
 
     port = _free_port()
     settings = ServiceSettings(data_dir=tmp_path / "data", model_paths=[models_dir], default_models={"CR": "tiny-xr"}, use_zoo=False,
@@ -49,9 +51,15 @@ def server(tmp_path: Path, models_dir: Path, shape_pngs):  # noqa: ANN001, ANN20
     ctx.close()
     path = settings.write_json(tmp_path / "settings.json")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSIGHT_")}
+    # The web server is a real `medsight serve` process; the worker runs in this process (saves a second
+    # torch start-up; the worker subprocess path is covered by the kill -9 test).
     proc = subprocess.Popen([sys.executable, "-m", "medsight.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--settings", str(path), "--workers", "1"], env=env,
+                             "--settings", str(path), "--workers", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker_ctx = ServiceContext.build(settings)
+    worker = Worker(worker_ctx, name="browser-test-worker")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
     base = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 90
     while time.monotonic() < end:
@@ -71,6 +79,9 @@ def server(tmp_path: Path, models_dir: Path, shape_pngs):  # noqa: ANN001, ANN20
                        data={"modality": "CR", "accession_number": f"RT-{k + 1:03d}"})
         assert r.status_code == 202, r.text
     yield base
+    worker.stop()
+    thread.join(60)
+    worker_ctx.close()
     proc.terminate()
     try:
         proc.wait(30)
