@@ -45,6 +45,7 @@ def curves_figure(curves: dict[str, dict[str, Any]], operating: dict[str, tuple[
     drawable = {k: c for k, c in curves.items() if c.get("computable")}
     if not drawable:
         return None
+    band_alpha = 0.18 if len(drawable) <= 3 else 0.08  # many overlapping bands would hide the curves
     with rc_context(STYLE):
         fig = Figure(figsize=(12, 5.4))
         roc, pr = fig.subplots(1, 2)
@@ -55,8 +56,8 @@ def curves_figure(curves: dict[str, dict[str, Any]], operating: dict[str, tuple[
             pr.plot(c["pr"]["recall"], c["pr"]["precision"], color=col, lw=2, drawstyle="steps-post",
                     label=f"{name}: AP {c['average_precision']:.3f}")
             if c.get("roc_band"):
-                roc.fill_between(grid, c["roc_band"]["lower"], c["roc_band"]["upper"], color=col, alpha=0.18, lw=0)
-                pr.fill_between(grid, c["pr_band"]["lower"], c["pr_band"]["upper"], color=col, alpha=0.18, lw=0)
+                roc.fill_between(grid, c["roc_band"]["lower"], c["roc_band"]["upper"], color=col, alpha=band_alpha, lw=0)
+                pr.fill_between(grid, c["pr_band"]["lower"], c["pr_band"]["upper"], color=col, alpha=band_alpha, lw=0)
             if len(drawable) == 1:
                 pr.axhline(c["prevalence"], color="grey", ls=":", lw=1.2, label=f"chance (prevalence {c['prevalence']:.2f})")
         if operating:
@@ -77,17 +78,18 @@ def confusion_figure(matrix: list[list[int]], labels: list[str], title: str) -> 
     cm = np.asarray(matrix)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
-    side = max(4.8, 1.3 * len(labels) + 2.2)
+    k = len(labels)
+    side = max(4.8, 0.9 * k + 2.5)  # shown at 100%: cells stay about 90 px wide whatever k is
     with rc_context({**STYLE, "axes.grid": False}):
         fig = Figure(figsize=(side + 1.2, side))
         ax = fig.subplots()
         im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
-                ax.text(j, i, f"{cm[i, j]}\n({100 * share[i, j]:.0f}%)", ha="center", va="center", fontsize=12,
+                ax.text(j, i, f"{cm[i, j]}\n({100 * share[i, j]:.0f}%)", ha="center", va="center", fontsize=12 if k <= 5 else 11,
                         color="white" if share[i, j] > 0.6 else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
-        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xticks(range(k), labels, rotation=30 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticks(range(k), labels)
         ax.set(xlabel="model says", ylabel="reference label", title=title)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
         fig.tight_layout()

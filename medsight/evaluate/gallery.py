@@ -26,7 +26,7 @@ from medsight.io.datasets import LabeledDataset
 from medsight.models.card import ModelCard
 from medsight.predict.predictor import Predictor
 
-THUMB = 224  # longest side of a gallery thumbnail in pixels (keeps the HTML small)
+THUMB = 176  # longest side of a gallery thumbnail in pixels: the size it is shown at (keeps the HTML small)
 
 
 def positive_classes(card: ModelCard) -> list[int]:
@@ -60,14 +60,16 @@ def select_errors(card: ModelCard, y: np.ndarray, probs: np.ndarray, k: int) -> 
     return {"false_positives": fp_order[:k].tolist(), "false_negatives": fn_order[:k].tolist()}
 
 
-def _thumb(rgb: np.ndarray) -> np.ndarray:
+def _thumb(pixels: np.ndarray) -> np.ndarray:
+    """Downsize to at most THUMB pixels on the longest side (grey (H, W, 1) becomes (H, W))."""
     from PIL import Image
 
-    h, w = rgb.shape[:2]
+    arr = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+    h, w = arr.shape[:2]
     if max(h, w) <= THUMB:
-        return rgb
+        return arr
     scale = THUMB / max(h, w)
-    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS))
+    return np.asarray(Image.fromarray(arr).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS))
 
 
 def gallery_items(
@@ -83,8 +85,7 @@ def gallery_items(
         dataset_row = int(index[r])
         image = ds.image(dataset_row)
         pred = predictor.predict(image, explain=True)
-        base = image.to_uint8()
-        base = np.repeat(base, 3, axis=-1) if base.shape[-1] == 1 else base
+        base = image.to_uint8()  # grey stays one channel: a third of the bytes
         items.append({
             "row": dataset_row,
             "source": Path(str(ds.meta["source"].iloc[dataset_row])).name,

@@ -36,7 +36,7 @@ from medsight.evaluate.curves import binary_curves, one_vs_rest_curves, reliabil
 from medsight.evaluate.gallery import decisions, gallery_items, positive_classes, select_errors
 from medsight.evaluate.metrics import METRICS, Scorer, bootstrap_metrics, expected_calibration_error
 from medsight.evaluate.operating_points import threshold_table, wilson_ci
-from medsight.evaluate.subgroups import SubgroupConfig, analyse_subgroups, subgroup_frame, tested_metrics
+from medsight.evaluate.subgroups import UNKNOWN, SubgroupConfig, analyse_subgroups, subgroup_frame, tested_metrics
 from medsight.io.datasets import LabeledDataset, load_dataset
 from medsight.models.card import ModelCard
 from medsight.models.registry import load
@@ -226,7 +226,9 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
         "selective_prediction": {"by": "calibrated confidence of the reported label", **risk_coverage(conf, pred == y)},
     }
     sub_frame = subgroup_frame(ds.meta.iloc[out.index].reset_index(drop=True), opts.subgroups, out.mean_intensity) if opts.subgroups else None
-    result["data"]["subgroup_sizes"] = {c: sub_frame[c].value_counts().to_dict() for c in sub_frame.columns} if sub_frame is not None else {}
+    result["data"]["subgroup_sizes"] = {
+        c: dict(sorted(sub_frame[c].value_counts().items(), key=lambda kv: (kv[0] == UNKNOWN, str(kv[0]))))
+        for c in sub_frame.columns} if sub_frame is not None else {}
     result["subgroups"] = analyse_subgroups(
         y, probs, sub_frame, scorer, card.task,
         SubgroupConfig(opts.min_cases, opts.min_class_cases, opts.n_boot, 0.05, opts.seed)) if sub_frame is not None else None

@@ -138,7 +138,7 @@ class LayerScorer:
         centred = feats - means[np.searchsorted(classes, y)]
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         idx = np.sort(rng.choice(len(feats), bank_size, replace=False)) if len(feats) > bank_size else np.arange(len(feats))
-        return cls(means, precision, _unit(feats[idx]), min(k, len(idx)))
+        return cls(means, precision, _unit(feats[idx]).astype(np.float32), min(k, len(idx)))
 
     def mahalanobis(self, feats: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class mean."""
@@ -278,7 +278,9 @@ def fit_ood(
 def _to_arrays(det: OODDetector) -> dict[str, np.ndarray]:
     arrays = {"z_mean": det.z_mean, "z_std": det.z_std}
     for name, ls in det.layers.items():
-        arrays.update({f"{name}.class_means": ls.class_means, f"{name}.precision": ls.precision, f"{name}.bank": ls.bank})
+        # the neighbour bank is stored in float32: it halves the file and cosine distances need no more
+        arrays.update({f"{name}.class_means": ls.class_means, f"{name}.precision": ls.precision,
+                       f"{name}.bank": ls.bank.astype(np.float32)})
     return arrays
 
 
@@ -287,7 +289,8 @@ def _atomic_save(arrays: dict[str, np.ndarray], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ood-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, tmp, metadata={"method": METHOD})
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={"method": METHOD})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a package file must be readable by the service user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
