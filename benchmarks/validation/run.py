@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--prevalence", type=float, default=0.05)
+    ap.add_argument("--gallery", type=int, default=6, help="false positives / negatives shown per report")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args()
     if not args.data_root.is_dir():
@@ -90,7 +91,8 @@ def main() -> None:
     rows = []
     for m in shipped_models(ROOT / "recipes", only=args.only):
         t = time.time()
-        opts = ValidationOptions(subgroups=SUBGROUPS.get(m.source, NO_DEMOGRAPHICS), prevalence=args.prevalence, n_boot=args.n_boot)
+        opts = ValidationOptions(subgroups=SUBGROUPS.get(m.source, NO_DEMOGRAPHICS), prevalence=args.prevalence, n_boot=args.n_boot,
+                                 gallery_size=args.gallery)
         result = validate_dataset(Predictor(load_package(m.directory)), m.splits(args.data_root)["test"], opts,
                                   source=f"{m.source} (recipe test split)", split="test")
         write_report(result, args.out / "results" / m.name)
