@@ -29,7 +29,9 @@ def overlay_rgb(image: MedImage, heatmap: np.ndarray, alpha: float = 0.45, floor
 def save_overlay(image: MedImage, heatmap: np.ndarray, path: str | Path, alpha: float = 0.45) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay_rgb(image, heatmap, alpha)).save(path)
+    # zlib level 1, not PIL's default 6: several times faster on a full-size radiograph for slightly
+    # larger files (measured by benchmarks/throughput, see docs/performance.md).
+    Image.fromarray(overlay_rgb(image, heatmap, alpha)).save(path, compress_level=1)
     return path
 
 

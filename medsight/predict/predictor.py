@@ -124,8 +124,8 @@ class Predictor:
             # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.runtime.cam).
             maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
                                           [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
-            # OOD statistics come from the early layers of the torch network (medsight.predict.ood)
-            ood = self.ood.score(self.network, x) if self.ood is not None else [None] * len(images)
+            # OOD scores from the early layers' statistics, which the backend returns with the logits
+            ood = self.ood.score_statistics(out.statistics) if self.ood is not None else [None] * len(images)
             made = iter(
                 self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
             )

@@ -1,7 +1,8 @@
 """Inference backends: the one step that differs between PyTorch, ONNX Runtime and int8.
 
-A backend turns a preprocessed batch (B, C, S, S) into logits (B, K) and the last
-feature map (B, C', h, w). Everything before (reading, preprocessing) and after
+A backend turns a preprocessed batch (B, C, S, S) into logits (B, K), the last
+feature map (B, C', h, w) and the early layers' channel statistics (the OOD
+detector's input), all from one forward pass. Everything before (reading, preprocessing) and after
 (calibration, decisions, referral, heat maps, OOD scores) is done once, by
 :class:`medsight.predict.predictor.Predictor`, for every backend.
 
@@ -25,7 +26,7 @@ from medsight.errors import BackendError
 from medsight.models.card import ModelCard
 from medsight.models.networks import Classifier
 from medsight.models.package import ModelPackage
-from medsight.runtime.export import FEATURE_MAP, INPUT, LOGITS, LogitsAndFeatureMap
+from medsight.runtime.export import INPUT, OUTPUTS, STAT_LAYERS, LogitsAndFeatureMap
 from medsight.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,18 @@ CHOICES = (*BACKENDS, "auto")
 class ForwardOutput:
     logits: np.ndarray  # (B, K) float32
     feature_maps: np.ndarray  # (B, C, h, w) float32: input of the global average pooling
+    statistics: dict[str, np.ndarray]  # OOD input: {"stem"|"layer1"|"layer2": (B, 2C) channel mean and std}
 
     @staticmethod
     def concat(parts: list["ForwardOutput"]) -> "ForwardOutput":
-        return ForwardOutput(np.concatenate([p.logits for p in parts]), np.concatenate([p.feature_maps for p in parts]))
+        return ForwardOutput(np.concatenate([p.logits for p in parts]), np.concatenate([p.feature_maps for p in parts]),
+                             {k: np.concatenate([p.statistics[k] for p in parts]) for k in STAT_LAYERS})
+
+    @staticmethod
+    def of(outputs: list[np.ndarray]) -> "ForwardOutput":
+        """From the outputs in :data:`medsight.runtime.export.OUTPUTS` order."""
+        logits, fmap, *stats = outputs
+        return ForwardOutput(logits, fmap, {k: v.astype(np.float64) for k, v in zip(STAT_LAYERS, stats)})
 
 
 class InferenceBackend(Protocol):
@@ -64,8 +73,7 @@ class TorchBackend:
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         with torch.inference_mode():
-            logits, fmap = self._module(x)
-        return ForwardOutput(logits.numpy(), fmap.numpy())
+            return ForwardOutput.of([t.numpy() for t in self._module(x)])
 
 
 class OnnxBackend:
@@ -81,10 +89,10 @@ class OnnxBackend:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if settings.decode_workers > 0:
-            # Idle ORT threads spin-wait for work; with decode processes on the same cores that
-            # spinning only steals their time (see medsight.runtime.settings).
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle ORT threads spin-wait for the next operator by default; the Predictor's own work
+        # between forward passes (heat maps, resizing, decode threads) then competes with them.
+        # Off unless asked for (benchmarks/throughput measures both; see medsight.runtime.settings).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
@@ -94,8 +102,7 @@ class OnnxBackend:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        logits, fmap = self.session.run([LOGITS, FEATURE_MAP], {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-        return ForwardOutput(logits, fmap)
+        return ForwardOutput.of(self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)}))
 
 
 def recorded_choice(card: ModelCard) -> tuple[str, str]:

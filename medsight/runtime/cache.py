@@ -75,11 +75,11 @@ def int8_calibration(package: ModelPackage) -> dict[str, Any]:
 
 def int8_model_path(package: ModelPackage, settings: RuntimeSettings, calibration: dict[str, Any] | None = None) -> Path:
     """The int8 model built from the fp32 export and the calibration ranges (card's by default)."""
-    from medsight.runtime.quantize import quantize_int8
+    from medsight.runtime.quantize import QUANT_VERSION, quantize_int8
 
     calib = calibration if calibration is not None else int8_calibration(package)
     key = hashlib.sha256(json.dumps(calib, sort_keys=True).encode()).hexdigest()[:16]
-    path = _writable_cache(settings) / f"{_weights_sha(package)}.v{EXPORT_FORMAT}.int8-{key}.onnx"
+    path = _writable_cache(settings) / f"{_weights_sha(package)}.v{EXPORT_FORMAT}.int8q{QUANT_VERSION}-{key}.onnx"
     if not path.is_file():
         try:
             quantize_int8(onnx_model_path(package, settings), path, calib)

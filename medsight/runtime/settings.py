@@ -9,12 +9,14 @@ Thread policy (see docs/performance.md for the measurements behind it):
   affinity, so ``taskset``/cgroup limits are respected). On hosts with SMT
   (hyper-threads) pass the physical core count instead: two hyper-threads share
   the FMA units a convolution saturates, so the second one only adds contention.
-* Decoding (DICOM/PNG/JPEG -> pixels) runs in separate worker processes so it
-  overlaps inference; on a small machine one worker is enough, on a large one a
-  quarter of the cores keeps the inference threads fed.
+* Decoding (DICOM/PNG/JPEG -> pixels) runs in background threads so it overlaps
+  inference (:mod:`medsight.runtime.pipeline`); on a small machine one thread is
+  enough, on a large one a quarter of the cores keeps the inference threads fed.
 * ONNX Runtime's idle threads normally spin for a while waiting for the next
-  operator. When decode workers share the same cores that spinning steals their
-  time, so spinning is switched off whenever decode workers are used.
+  operator. Between forward passes the Predictor works too (heat maps, resizing),
+  and decode threads run alongside; spinning threads steal that time, so sessions
+  are created with spinning off (``ort_spinning``; benchmarks/throughput measures
+  both settings).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def default_cache_dir() -> Path:
 
 
 def default_decode_workers(cores: int) -> int:
-    """One decode process on up to 4 cores, then a quarter of the cores (at most 8)."""
+    """One decode thread on up to 4 cores, then a quarter of the cores (at most 8)."""
     return 1 if cores <= 4 else min(8, cores // 4)
 
 
@@ -51,13 +53,14 @@ class RuntimeSettings:
     """How a backend runs: cache location and thread budget.
 
     ``intra_op_threads`` is the number of threads one forward pass may use;
-    ``decode_workers`` the number of processes decoding images ahead of inference
+    ``decode_workers`` the number of threads decoding images ahead of inference
     (0 = decode in the calling thread).
     """
 
     cache_dir: Path = field(default_factory=default_cache_dir)
     intra_op_threads: int = field(default_factory=available_cores)
     decode_workers: int = field(default_factory=lambda: default_decode_workers(available_cores()))
+    ort_spinning: bool = False  # let idle ONNX Runtime threads busy-wait (off: see the module docstring)
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 1:

@@ -5,7 +5,9 @@ For one package and its recipe's data this
 1. exports the network to ONNX and measures the largest logit difference from
    PyTorch over the whole official test split (rule: <= 1e-4);
 2. measures int8 activation ranges on a seeded sample of *training* images, builds the
-   int8 model, and measures its test AUC (rule: at most 0.005 below PyTorch's);
+   int8 model, and measures its test AUC (rule: at most 0.005 below PyTorch's) and,
+   when the model has an OOD detector, how often its referral flag agrees with
+   PyTorch's (rule: on at least 99% of test images);
 3. times every backend on the same test images (median of repeated passes at
    the engine's batch size);
 4. writes the int8 calibration ranges to ``int8_calibration.json`` in the package
@@ -41,7 +43,8 @@ from medsight.io.datasets import LabeledDataset
 from medsight.models.card import ModelCard
 from medsight.models.package import ModelPackage, load_package, read_card, sha256_of, write_card
 from medsight.models.preprocess import batch_to_tensor
-from medsight.runtime.backends import InferenceBackend, OnnxBackend, TorchBackend
+from medsight.predict.ood import OODDetector, load_ood
+from medsight.runtime.backends import ForwardOutput, InferenceBackend, OnnxBackend, TorchBackend
 from medsight.runtime.cache import CALIBRATION_FILE, int8_model_path, onnx_model_path
 from medsight.runtime.cam import class_activation_maps
 from medsight.runtime.quantize import METHOD, calibration_sample, measure_calibration
@@ -52,6 +55,9 @@ from medsight.runtime.settings import RuntimeSettings
 class AccuracyRule:
     max_abs_logit_diff: float = 1e-4  # fp32 ONNX vs PyTorch, every test image
     max_auc_drop: float = 0.005  # int8 vs PyTorch, official test split
+    # int8 also changes the early-layer statistics the OOD detector scores: the referral decision
+    # it drives (flag / no flag) must stay the same on at least this share of test images
+    min_ood_flag_agreement: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,17 @@ def split_tensor(pkg: ModelPackage, ds: LabeledDataset, batch: int = 256) -> tor
     return torch.cat(parts)
 
 
-def _logits(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    return np.concatenate([backend.forward(x[i : i + batch_size]).logits for i in range(0, len(x), batch_size)])
+def _forward(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> ForwardOutput:
+    return ForwardOutput.concat([backend.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def ood_agreement(detector: OODDetector | None, out: ForwardOutput, ref: ForwardOutput) -> dict[str, float]:
+    """How far a backend's OOD scores and referral flags move from PyTorch's (empty without a detector)."""
+    if detector is None:
+        return {}
+    got, want = detector.score_statistics(out.statistics), detector.score_statistics(ref.statistics)
+    return {"ood_flag_agreement": float(np.mean(detector.flags(got) == detector.flags(want))),
+            "ood_max_abs_score_diff": float(np.abs(got - want).max())}
 
 
 def heatmap_agreement(pkg: ModelPackage, backend: InferenceBackend, reference: InferenceBackend, x: torch.Tensor,
@@ -153,27 +168,36 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
     calibration = measure_calibration(onnx_b.model_path, calib_ds, card.input)
     int8_b = OnnxBackend(int8_model_path(pkg, settings, calibration), settings, "onnx-int8")
 
-    ref = _logits(torch_b, x, cfg.batch_size)
+    detector = load_ood(pkg)
+    ref_out = _forward(torch_b, x, cfg.batch_size)
+    ref = ref_out.logits
     ref_auc = auc(card, test.y, ref)
     timing_x = x[: cfg.timing_images]
     candidates: dict[str, dict[str, Any]] = {}
     for b in (torch_b, onnx_b, int8_b):
-        lg = ref if b is torch_b else _logits(b, x, cfg.batch_size)
-        a = auc(card, test.y, lg)
-        diff = float(np.abs(lg - ref).max())
+        out = ref_out if b is torch_b else _forward(b, x, cfg.batch_size)
+        a = auc(card, test.y, out.logits)
+        diff = float(np.abs(out.logits - ref).max())
         entry: dict[str, Any] = {"images_per_s": round(images_per_second(b, timing_x, cfg.batch_size, cfg.timing_repeats), 1),
                                  "test_auc": a, "max_abs_logit_diff": diff,
-                                 "auc_drop": None if a is None or ref_auc is None else ref_auc - a,
-                                 **({} if b is torch_b else heatmap_agreement(pkg, b, torch_b, timing_x, cfg.batch_size))}
+                                 "auc_drop": None if a is None or ref_auc is None else ref_auc - a}
+        if b is not torch_b:
+            entry.update(heatmap_agreement(pkg, b, torch_b, timing_x, cfg.batch_size))
+            entry.update(ood_agreement(detector, out, ref_out))
         if b is torch_b:
             entry.update(eligible=True, why="reference")
         elif b is onnx_b:
             ok = diff <= cfg.rule.max_abs_logit_diff
             entry.update(eligible=ok, why=f"max |logit - torch| {diff:.2e} {'<=' if ok else '>'} {cfg.rule.max_abs_logit_diff:g}")
         else:
-            ok = entry["auc_drop"] is not None and entry["auc_drop"] <= cfg.rule.max_auc_drop
+            auc_ok = entry["auc_drop"] is not None and entry["auc_drop"] <= cfg.rule.max_auc_drop
+            agree = entry.get("ood_flag_agreement", 1.0)
+            ood_ok = agree >= cfg.rule.min_ood_flag_agreement
             drop = "n/a" if entry["auc_drop"] is None else f"{entry['auc_drop']:.4f}"
-            entry.update(eligible=ok, why=f"test AUC drop {drop} {'<=' if ok else '>'} {cfg.rule.max_auc_drop}")
+            why = f"test AUC drop {drop} {'<=' if auc_ok else '>'} {cfg.rule.max_auc_drop}"
+            if detector is not None:
+                why += f", OOD referral agreement {agree:.3f} {'>=' if ood_ok else '<'} {cfg.rule.min_ood_flag_agreement}"
+            entry.update(eligible=auc_ok and ood_ok, why=why)
         candidates[b.name] = entry
     choice, reason = choose(candidates)
     runtime = {

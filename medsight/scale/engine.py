@@ -143,7 +143,7 @@ class LazyInputs(Sequence):
 
 def run_local(job: BatchJob, settings: RuntimeSettings | None = None,
               on_progress: Callable[[int, int], None] | None = None) -> BatchSummary:
-    """The in-process engine (decoding overlapped in ``settings.decode_workers`` processes).
+    """The in-process engine (decoding overlapped in ``settings.decode_workers`` threads).
 
     It is the reference the Ray engine must reproduce: same records, same Predictor
     batches, same rows.

@@ -26,7 +26,7 @@ def test_export_wrapper_is_the_classifier(tiny_package, sample_files):
     pkg = load_package(tiny_package)
     x = _batch(pkg, sample_files)
     with torch.no_grad():
-        logits, fmap = LogitsAndFeatureMap(pkg.network)(x)
+        logits, fmap, *_ = LogitsAndFeatureMap(pkg.network)(x)
         assert torch.equal(logits, pkg.network(x))
         assert torch.allclose(fmap.mean(dim=(2, 3)), pkg.network.features(x), atol=1e-6)
     assert fmap.shape[:2] == (len(sample_files), pkg.network.net.fc.in_features)
@@ -39,6 +39,21 @@ def test_onnx_matches_torch_on_real_images(tiny_package, sample_files, runtime_s
     got = make_backend(pkg, "onnx", runtime_settings).forward(x)
     assert np.abs(got.logits - ref.logits).max() <= 1e-4
     assert np.abs(got.feature_maps - ref.feature_maps).max() <= 1e-4
+    for k in ref.statistics:
+        np.testing.assert_allclose(got.statistics[k], ref.statistics[k], rtol=1e-4, atol=1e-5)
+
+
+def test_exported_statistics_are_the_ood_detectors_input(tiny_package, sample_files):
+    """The OOD detector scores exactly the statistics every backend returns."""
+    from medsight.predict.ood import LAYERS, layer_statistics
+    from medsight.runtime.export import STAT_LAYERS
+
+    assert STAT_LAYERS == LAYERS
+    pkg = load_package(tiny_package)
+    x = _batch(pkg, sample_files)
+    got, want = TorchBackend(pkg.network).forward(x).statistics, layer_statistics(pkg.network, x)
+    for k in LAYERS:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
 
 
 def test_dynamic_batch_axis(tiny_package, sample_files, runtime_settings):

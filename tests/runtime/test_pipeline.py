@@ -1,4 +1,4 @@
-"""Decoding in worker processes gives exactly the results of the sequential path, bad files included."""
+"""Decoding ahead in threads gives exactly the results of the sequential path, bad files included."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def files(tmp_path):
     return paths
 
 
-def test_worker_decoding_matches_predict_many(tiny_package, files):
+def test_threaded_decoding_matches_predict_many(tiny_package, files):
     pred = Predictor(load_package(tiny_package))
     seq = list(pred.predict_many(files, explain=True, batch_size=4))
     par = list(predict_stream(pred, files, explain=True, batch_size=4, workers=2))
@@ -44,11 +44,22 @@ def test_worker_decoding_matches_predict_many(tiny_package, files):
     assert set(kinds) == {"img05_corrupt.png", "missing.png"} and kinds["missing.png"] == "ImageNotFoundError"
 
 
-def test_batches_keep_input_order(files):
-    batches = list(decoded_batches(files, batch_size=5, workers=1))
-    assert [len(b) for b in batches] == [5, 5, 4]
-    sources = [d.source if not isinstance(d, PredictionError) else d.source for b in batches for d in b]
-    assert sources == [str(f) for f in files]
+def test_batches_keep_input_order_and_read_lazy_sequences_by_index(files):
+    class Lazy:
+        """A sequence that supports indexing only (like the batch engine's record reader)."""
+
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            if not isinstance(i, int):
+                raise TypeError("index only")
+            return files[i]
+
+    for workers in (0, 1, 3):
+        batches = list(decoded_batches(Lazy(), batch_size=5, workers=workers, prefetch=1))
+        assert [len(b) for b in batches] == [5, 5, 4]
+        assert [d.source for b in batches for d in b] == [str(f) for f in files]
     with pytest.raises(ValueError):
         next(decoded_batches(files, batch_size=0))
 

@@ -9,6 +9,7 @@ from medsight.errors import BackendError
 from medsight.io.datasets import load_npz
 from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
+from medsight.predict.ood import fit_ood
 from medsight.predict.predictor import Predictor
 from medsight.runtime.backends import make_backend
 from medsight.runtime.cache import int8_model_path
@@ -49,6 +50,7 @@ def tuned(tiny_package, tiny_npz, tmp_path_factory):
 
     settings = RuntimeSettings(cache_dir=tmp_path_factory.mktemp("cache"), intra_op_threads=1, decode_workers=0)
     train, test = load_npz(tiny_npz, "train", NAMES), load_npz(tiny_npz, "test", NAMES)
+    fit_ood(d, train, load_npz(tiny_npz, "val", NAMES))  # so the int8 rule also checks OOD referral agreement
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tune_module, "measure_calibration", concurrent_edit)
         rt = tune(d, train, test, settings, FAST)
@@ -64,7 +66,10 @@ def test_tune_records_measurements_and_keeps_other_fields(tuned):
     assert rt["weights_sha256"] == card.weights_sha256
     c = rt["candidates"]
     assert c["onnx"]["max_abs_logit_diff"] <= 1e-4 and c["onnx"]["eligible"]
-    assert c["onnx-int8"]["eligible"] == (c["onnx-int8"]["auc_drop"] <= 0.005)
+    assert c["onnx"]["ood_flag_agreement"] == 1.0 and c["onnx"]["ood_max_abs_score_diff"] < 1e-3
+    int8 = c["onnx-int8"]
+    assert 0 <= int8["ood_flag_agreement"] <= 1
+    assert int8["eligible"] == (int8["auc_drop"] <= 0.005 and int8["ood_flag_agreement"] >= 0.99)
     eligible = [k for k, v in c.items() if v["eligible"]]
     assert rt["backend"] == max(eligible, key=lambda k: c[k]["images_per_s"])
     # the recorded AUC is the card-calibrated AUC recomputed independently
