@@ -105,7 +105,10 @@ class Predictor:
     def predict(self, x: ImageLike, explain: bool = True) -> Prediction:
         return self.predict_batch([x], explain=explain)[0]  # type: ignore[return-value]
 
-    def predict_batch(self, items: Sequence[ImageLike], explain: bool = True, raise_errors: bool = True) -> list[Prediction | PredictionError]:
+    def predict_batch(self, items: Sequence[ImageLike], explain: bool = True, raise_errors: bool = True,
+                      tensors: torch.Tensor | None = None) -> list[Prediction | PredictionError]:
+        """``tensors``: the items' ``batch_to_tensor`` output when a caller already made it (decoded
+        images only, e.g. in a decode thread: medsight.runtime.pipeline); otherwise it is made here."""
         images: list[MedImage] = []
         slots: list[Prediction | PredictionError | None] = []
         for it in items:
@@ -117,7 +120,7 @@ class Predictor:
                     raise
                 slots.append(PredictionError(str(it), str(e), type(e).__name__))
         if images:
-            x = batch_to_tensor(images, self.card.input)
+            x = tensors if tensors is not None else batch_to_tensor(images, self.card.input)
             out = self.forward(x)
             p = probabilities(out.logits, self.card.calibration.temperature, self._multilabel)
             decisions = [self.decide(row) for row in p]

@@ -42,7 +42,3 @@ def class_activation_maps(feature_maps: np.ndarray, class_weights: np.ndarray, c
     out = rescale_instance_array(up.numpy(), 0.0, 1.0)
     return np.nan_to_num(out, nan=0.0).clip(0.0, 1.0).astype(np.float32)
 
-
-def pooled_features(feature_maps: np.ndarray) -> np.ndarray:
-    """Global average pooling of (B, C, h, w) maps: the penultimate features the head sees."""
-    return np.asarray(feature_maps, dtype=np.float64).mean(axis=(2, 3))

@@ -1,19 +1,21 @@
-"""Decode images in background threads while the model runs on the previous batch.
+"""Decode and preprocess images in background threads while the model runs on the previous batch.
 
-Reading a DICOM or PNG (decompression, LUTs, colour conversion) costs as much as a
-forward pass of a small model or more, so doing both one after the other leaves a
-core idle. Here ``workers`` threads decode whole batches, ``prefetch`` batches
-ahead, while the calling thread runs :meth:`Predictor.predict_batch`
-(preprocessing, backend, calibration, decisions, heat maps).
+Reading a DICOM or PNG (decompression, LUTs, colour conversion) and resizing it to the
+network's input (antialiased, :func:`medsight.models.preprocess.to_tensor`, the one
+preprocessing) cost more than a forward pass of these small models, so doing them one
+after the other leaves cores idle. Here ``workers`` threads decode and preprocess whole
+batches, ``prefetch`` batches ahead, while the calling thread runs
+:meth:`Predictor.predict_batch` on them (backend, calibration, decisions, heat maps).
 
 Threads rather than worker processes (``torch.utils.data.DataLoader``): the image
-codecs (Pillow, the pydicom pixel-data plugins) and NumPy release the GIL while they
-work, and a process would have to pickle every decoded float32 image back to the
-caller, megabytes per radiograph. benchmarks/throughput measures both thread splits
+codecs (Pillow, the pydicom pixel-data plugins), NumPy and torch release the GIL while
+they work, and a process would have to pickle every decoded float32 image back to the
+caller, megabytes per radiograph. benchmarks/throughput measures the thread splits
 (see docs/performance.md).
 
 Batches are formed exactly as :meth:`Predictor.predict_many` forms them (``batch_size``
-inputs, unreadable ones reported in place), so the results are identical to it.
+inputs, unreadable ones reported in place) and preprocessed by the same function, so
+the results are identical to it.
 """
 
 from __future__ import annotations
@@ -21,25 +23,40 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
 
 from medsight.errors import MedSightError
 from medsight.io.image import MedImage
+from medsight.models.card import InputSpec
+from medsight.models.preprocess import to_tensor
 from medsight.predict.predictor import ImageLike, Predictor, as_image
 from medsight.predict.result import Prediction, PredictionError
 
 Decoded = MedImage | PredictionError
 
 
-def decode(item: ImageLike) -> Decoded:
-    """A decoded :class:`MedImage`, or a :class:`PredictionError` saying why not."""
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded image and its network input (``to_tensor`` with the model's InputSpec)."""
+
+    image: MedImage
+    tensor: torch.Tensor
+
+
+def decode(item: ImageLike, spec: InputSpec | None = None) -> Decoded | Prepared:
+    """The decoded image (preprocessed too when ``spec`` is given), or a :class:`PredictionError`."""
     try:
-        return as_image(item)
+        image = as_image(item)
     except MedSightError as e:
         return PredictionError(str(item), str(e), type(e).__name__)
+    return image if spec is None else Prepared(image, to_tensor(image, spec))
 
 
-def decoded_batches(items: Sequence[ImageLike], batch_size: int = 16, workers: int = 1, prefetch: int = 2) -> Iterator[list[Decoded]]:
-    """Batches of decoded inputs, in input order; ``workers=0`` decodes in the caller."""
+def decoded_batches(items: Sequence[ImageLike], batch_size: int = 16, workers: int = 1, prefetch: int = 2,
+                    spec: InputSpec | None = None) -> Iterator[list[Decoded | Prepared]]:
+    """Batches of decoded (and, with ``spec``, preprocessed) inputs in input order; ``workers=0`` works in the caller."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     n = len(items)
@@ -50,27 +67,28 @@ def decoded_batches(items: Sequence[ImageLike], batch_size: int = 16, workers: i
 
     if workers < 1 or n <= batch_size:
         for s in starts:
-            yield [decode(it) for it in chunk(s)]
+            yield [decode(it, spec) for it in chunk(s)]
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medsight-decode") as pool:
-        pending: deque[list[Future[Decoded]]] = deque()
+        pending: deque[list[Future]] = deque()
         todo = iter(starts)
         for s in todo:  # fill the pipeline: the batch being predicted plus ``prefetch`` ahead
-            pending.append([pool.submit(decode, it) for it in chunk(s)])
+            pending.append([pool.submit(decode, it, spec) for it in chunk(s)])
             if len(pending) > prefetch:
                 break
         while pending:
             batch = pending.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append([pool.submit(decode, it) for it in chunk(nxt)])
+                pending.append([pool.submit(decode, it, spec) for it in chunk(nxt)])
             yield [f.result() for f in batch]
 
 
 def predict_stream(predictor: Predictor, items: Sequence[ImageLike], explain: bool = True, batch_size: int = 16,
                    workers: int = 1) -> Iterator[Prediction | PredictionError]:
-    """Predictions for ``items`` in order, decoding ahead in ``workers`` threads."""
-    for batch in decoded_batches(items, batch_size, workers):
-        images = [d for d in batch if isinstance(d, MedImage)]
-        made = iter(predictor.predict_batch(images, explain=explain, raise_errors=False) if images else [])
-        yield from (next(made) if isinstance(d, MedImage) else d for d in batch)
+    """Predictions for ``items`` in order, decoding and preprocessing ahead in ``workers`` threads."""
+    for batch in decoded_batches(items, batch_size, workers, spec=predictor.card.input):
+        ready = [d for d in batch if isinstance(d, Prepared)]
+        made = iter(predictor.predict_batch([d.image for d in ready], explain=explain, raise_errors=False,
+                                            tensors=torch.stack([d.tensor for d in ready])) if ready else [])
+        yield from (next(made) if isinstance(d, Prepared) else d for d in batch)

@@ -157,10 +157,11 @@ def run_local(job: BatchJob, settings: RuntimeSettings | None = None,
     results = predict_stream(predictor, LazyInputs(records, InputReader()), explain=heat_dir is not None,
                              batch_size=job.batch_size, workers=settings.decode_workers)
     rows: list[dict[str, Any]] = []
+    flush_every = max(job.batch_size, 512)  # fewer, larger CSV/Parquet appends
     try:
         for rec, res in zip(records, results):
             rows.append(result_row(int(rec["index"]), res, predictor, heat_dir))
-            if len(rows) == job.batch_size:
+            if len(rows) == flush_every:
                 writer.write(pd.DataFrame(rows))
                 rows = []
                 if on_progress:
