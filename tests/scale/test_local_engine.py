@@ -37,3 +37,15 @@ def test_parquet_has_the_same_rows_when_pyarrow_is_present(tiny_package, batch_n
     assert pq["index"].tolist() == list(range(8)) and pq["heatmap"].isna().all()
     pd.testing.assert_series_equal(pq["p_disc"], csv["p_disc"], check_exact=False, atol=1e-9)
     assert str(pq["refer"].dtype) == "boolean"
+
+
+def test_ray_engine_without_ray_says_how_to_install(tiny_package, batch_npz, tmp_path, monkeypatch):
+    """The base install has no Ray: the Ray engine must fail with the install hint, not an ImportError."""
+    import sys
+
+    from medsight.errors import EngineUnavailableError
+    from medsight.scale.engine import run_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    with pytest.raises(EngineUnavailableError, match=r"pip install 'medsight\[ray\]'"):
+        run_ray(BatchJob(batch_npz, str(tiny_package), tmp_path))
