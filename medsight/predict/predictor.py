@@ -60,9 +60,7 @@ class Predictor:
         return ForwardOutput.concat([self.backend.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
     def logits(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        if not len(x):
-            return np.zeros((0, self.card.num_outputs), np.float32)
-        return np.concatenate([self.backend.forward(x[i : i + batch_size]).logits for i in range(0, len(x), batch_size)])
+        return self.forward(x, batch_size).logits
 
     def probs(self, images: Sequence[MedImage]) -> np.ndarray:
         x = batch_to_tensor(images, self.card.input)
