@@ -3,6 +3,12 @@
 A card's ``modality`` starts with DICOM modality codes ("CR/DX (chest
 radiograph)", "US (breast ultrasound)"); a study is only ever sent to a model
 whose card lists its modality, so a CT is never scored by a chest X-ray model.
+
+Predictors run on the model's recorded fast backend (``auto``: the fastest backend
+that met the accuracy rule on the model's test split, recorded in ``card.runtime`` by
+``medsight runtime tune``; torch when nothing is recorded). Heat maps come from the
+same forward pass on every backend (:mod:`medsight.runtime.cam`), so the service
+loses nothing by not running eager PyTorch.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from medsight.errors import UnknownModelError, UnsupportedModalityError
 from medsight.models.card import ModelCard
 from medsight.models.registry import default_search_paths, list_cards, resolve
 from medsight.predict.predictor import Predictor
+from medsight.runtime.backends import CHOICES
+from medsight.runtime.settings import RuntimeSettings
 
 
 def card_modalities(card: ModelCard) -> set[str]:
@@ -31,8 +39,20 @@ def finding_labels(card: ModelCard) -> list[str]:
 
 
 class ModelCatalog:
+    """Installed models and a small LRU cache of loaded predictors.
+
+    ``backend`` (torch | onnx | onnx-int8 | auto) is how every predictor runs;
+    ``runtime`` sets its threads and ONNX cache (default: all cores this process may
+    use, ``$MEDSIGHT_CACHE_DIR``).
+    """
+
     def __init__(self, extra_paths: list[Path] | None = None, default_models: dict[str, str] | None = None,
-                 cache_size: int = 4, refresh_s: float = 30.0, use_zoo: bool = True):
+                 cache_size: int = 4, refresh_s: float = 30.0, use_zoo: bool = True, backend: str = "auto",
+                 runtime: RuntimeSettings | None = None):
+        if backend not in CHOICES:  # fail when the service starts, not on the first study
+            raise ValueError(f"unknown inference backend {backend!r}; choose one of {', '.join(CHOICES)}")
+        self.backend = backend
+        self.runtime = runtime
         self.search_paths = [*(extra_paths or []), *(default_search_paths() if use_zoo else [])]
         self.default_models = {k.upper(): v for k, v in (default_models or {}).items()}
         self._cache: OrderedDict[str, Predictor] = OrderedDict()
@@ -79,13 +99,19 @@ class ModelCatalog:
         return sorted(candidates, key=lambda c: c.name)[0]
 
     def predictor(self, name: str) -> Predictor:
-        """A loaded model (weights sha256-checked by the core loader), kept in a small LRU cache."""
-        import medsight
+        """A loaded model (weights sha256-checked by the core loader) on the catalog's backend, kept in a small LRU cache.
+
+        The ONNX files of a fast backend are built into the cache on first use (seconds, once per
+        weights); ``auto`` falls back to torch with a logged warning when they cannot be built.
+        """
+        from medsight.models.registry import load
+        from medsight.runtime.backends import make_backend
 
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        pred = medsight.load_model(resolve(name, self.search_paths))
+        package = load(resolve(name, self.search_paths))
+        pred = Predictor(package, backend=make_backend(package, self.backend, self.runtime))
         self._cache[name] = pred
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
