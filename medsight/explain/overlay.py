@@ -1,37 +1,95 @@
-"""Heat-map overlays as PNG files at the image's own resolution."""
+"""Heat-map overlays as PNG files at the image's own resolution.
+
+The overlay is drawn at full resolution (a radiograph is ~2000 x 2000 pixels), once
+per study, in the request path of the service and the DICOM gateway, so it is built
+from 8-bit lookup tables and Pillow's C compositing rather than float arrays:
+
+* the heat map is quantised once to 256 levels, ``min(floor(h * 256), 255)``, which
+  is exactly the index matplotlib's 256-entry ``jet`` colormap looks a float up at,
+  so the colours are matplotlib's;
+* the colour is a palette lookup (``P`` image converted to RGB) and the opacity a
+  256-entry table (``Image.point``), evaluated at each level's centre;
+* ``Image.composite`` blends colour over the image with that opacity in integer
+  arithmetic.
+
+The result differs from the float formula ``round(base * (1 - a) + colour * a)`` by
+at most one or two grey levels (tested), i.e. the same picture, about five times
+faster on a 1955 x 1841 radiograph (benchmarks/throughput).
+"""
 
 from __future__ import annotations
 
+import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 from medsight.io.image import MedImage
 
+#: zlib level of overlay PNGs: level 1, not PIL's default 6, is several times faster on a full-size
+#: radiograph for slightly larger files (measured by benchmarks/throughput, see docs/performance.md)
+PNG_COMPRESS_LEVEL = 1
+#: zlib's Z_RLE strategy, which zlib documents as made for PNG image data: slightly faster than the
+#: default strategy at level 1 and slightly smaller files (3.1 vs 3.1-3.2 MB, 166 vs 175 ms on RG1_J2KR)
+PNG_STRATEGY = zlib.Z_RLE
 
-def overlay_rgb(image: MedImage, heatmap: np.ndarray, alpha: float = 0.45, floor: float = 0.15) -> np.ndarray:
-    """(H, W, 3) uint8: the image in gray/colour with the heat map blended where it exceeds ``floor``.
 
-    Weights below ``floor`` are left transparent so anatomy stays readable.
+@lru_cache(maxsize=1)
+def _jet_palette() -> list[int]:
+    """matplotlib's ``jet`` as a 256-entry RGB palette (entry i = jet(i), rounded to 8 bits)."""
+    from matplotlib import colormaps
+
+    rgb = colormaps["jet"](np.arange(256))[:, :3]
+    return (rgb * 255).round().astype(np.uint8).ravel().tolist()
+
+
+@lru_cache(maxsize=32)
+def _opacity_table(alpha: float, floor: float) -> list[int]:
+    """Opacity (0-255) of each of the 256 heat-map levels, at the level's centre value."""
+    centre = (np.arange(256) + 0.5) / 256
+    a = alpha * np.clip((centre - floor) / (1 - floor), 0.0, 1.0)
+    return (a * 255).round().astype(np.uint8).tolist()
+
+
+def _levels(heatmap: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 level of each heat-map value: matplotlib's colormap index (values clipped to [0, 1], NaN -> 0)."""
+    h = np.asarray(heatmap, dtype=np.float32) * np.float32(256)  # exact: a power of two
+    # fmax/fmin (not clip) so that NaN becomes 0 instead of an undefined integer
+    return np.fmin(np.fmax(h, np.float32(0), out=h), np.float32(255), out=h).astype(np.uint8)
+
+
+def overlay_image(image: MedImage, heatmap: np.ndarray, alpha: float = 0.45, floor: float = 0.15) -> Image.Image:
+    """RGB PIL image: ``image`` in gray/colour with the heat map (jet) blended where it exceeds ``floor``.
+
+    The opacity rises linearly from 0 at ``floor`` to ``alpha`` at the map's maximum; weights
+    below ``floor`` are left transparent so anatomy stays readable.
     """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"floor must be in [0, 1), got {floor}")
     base = image.to_uint8()
-    if base.shape[-1] == 1:
-        base = np.repeat(base, 3, axis=-1)
     if heatmap.shape != base.shape[:2]:
         raise ValueError(f"heat map {heatmap.shape} does not match image {base.shape[:2]}")
-    colour = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.float32)
-    a = (alpha * np.clip((heatmap - floor) / (1 - floor), 0, 1))[..., None]
-    return (base * (1 - a) + colour * a).round().clip(0, 255).astype(np.uint8)
+    under = Image.fromarray(base[..., 0], "L").convert("RGB") if base.shape[-1] == 1 else Image.fromarray(base, "RGB")
+    levels = Image.fromarray(_levels(heatmap), "L")
+    colour = levels.convert("P")
+    colour.putpalette(_jet_palette())
+    return Image.composite(colour.convert("RGB"), under, levels.point(_opacity_table(float(alpha), float(floor))))
+
+
+def overlay_rgb(image: MedImage, heatmap: np.ndarray, alpha: float = 0.45, floor: float = 0.15) -> np.ndarray:
+    """(H, W, 3) uint8: :func:`overlay_image` as an array (for DICOM Secondary Captures, thumbnails)."""
+    return np.array(overlay_image(image, heatmap, alpha, floor))  # a writable copy, as before
 
 
 def save_overlay(image: MedImage, heatmap: np.ndarray, path: str | Path, alpha: float = 0.45) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # zlib level 1, not PIL's default 6: several times faster on a full-size radiograph for slightly
-    # larger files (measured by benchmarks/throughput, see docs/performance.md).
-    Image.fromarray(overlay_rgb(image, heatmap, alpha)).save(path, compress_level=1)
+    overlay_image(image, heatmap, alpha).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL,
+                                              compress_type=PNG_STRATEGY)
     return path
 
 
