@@ -316,3 +316,21 @@ def test_failures_inside_decoders_are_specific():
     assert "JPEG Extended" in error.detail
     _raises(TruncatedPixelDataError, pydicom_file("MR_truncated.dcm"))
 
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "US1_J2KI.dcm", "MR_small_jp2klossless.dcm"])
+def test_jpeg2000_through_the_preferred_plugin_gives_gdcms_pixels(name, monkeypatch):
+    """JPEG 2000 is decoded by Pillow's (multi-threaded) OpenJPEG first: same image as GDCM's decode."""
+    from medsight.io.dicom import PREFERRED_PLUGIN
+
+    path = pydicom_file(name)
+    assert PREFERRED_PLUGIN[pydicom.dcmread(path).file_meta.TransferSyntaxUID] == "pillow"
+    fast = read_dicom(path)
+    monkeypatch.setitem(PREFERRED_PLUGIN, pydicom.dcmread(path).file_meta.TransferSyntaxUID, "gdcm")
+    np.testing.assert_array_equal(fast.pixels, read_dicom(path).pixels)
+
+
+def test_jpeg2000_the_preferred_plugin_cannot_read_falls_back_to_the_others():
+    # Pillow's OpenJPEG refuses this GDCM-written codestream; GDCM reads it.
+    image = read_dicom(pydicom_file("GDCMJ2K_TextGBR.dcm"))
+    assert image.pixels.shape == (400, 400, 3) and image.pixels.max() > 0
