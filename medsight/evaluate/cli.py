@@ -71,17 +71,23 @@ def calibrate_cmd(
     fit_ood: Annotated[bool, typer.Option("--fit-ood", help="also fit an OOD detector (on --ood-split; threshold on --split)")] = False,
     ood_data: Annotated[Optional[Path], typer.Option(help="data for the OOD fit (default: --data)")] = None,
     ood_split: Annotated[str, typer.Option(help="split of the OOD data to fit on")] = "train",
+    method: Annotated[str, typer.Option(help="auto (5-fold cross-validation on the calibration data) | temperature | "
+                                             "temperature-bias | vector | isotonic")] = "auto",
+    adapt_priors: Annotated[Optional[list[Path]], typer.Option(
+        "--adapt-priors", help="unlabelled local images (files or folders; repeatable): re-estimate the class mix there "
+                               "by EM and adapt the probabilities to it")] = None,
 ) -> None:
     """Recalibrate on local data and write a new model package version (never overwrites the original)."""
     from medsight.evaluate.recalibrate import recalibrate
 
     try:
         summary = recalibrate(model, data, out, split=split, target_sensitivity=target_sensitivity, version=version,
-                              n_boot=n_boot, fit_ood_split=ood_split if fit_ood else None, ood_data=ood_data)
+                              n_boot=n_boot, fit_ood_split=ood_split if fit_ood else None, ood_data=ood_data,
+                              method=method, unlabelled=adapt_priors)
     except (MedSightError, ValueError) as e:
         _fail(e)
-    keys = ("base_model", "data", "n", "temperature_before", "temperature_after", "ece_before", "ece_after",
-            "threshold_rule", "thresholds_before", "thresholds_after")
+    keys = ("base_model", "data", "n", "method", "temperature_before", "temperature_after", "ece_before", "ece_after",
+            "prior_shift", "threshold_rule", "thresholds_before", "thresholds_after")
     print(json.dumps({"package": str(out), **{k: summary[k] for k in keys}}, indent=2))
 
 

@@ -1,10 +1,14 @@
 """``medsight calibrate``: refit calibration and the operating threshold on a clinic's own data.
 
 A model's probabilities are calibrated on its developer's validation split; on a
-new site's scanners and population they drift. This refits temperature scaling
-(:func:`medsight.evaluate.calibration.fit_temperature`) on local labelled data,
-picks the operating threshold there (a sensitivity target or Youden's J), and
-writes a *new* package version:
+new site's scanners and population they drift. This refits the calibration on local
+labelled data (``method="auto"``: temperature, temperature + bias, vector scaling or
+isotonic regression, chosen by 5-fold cross-validation on that same local data,
+:func:`medsight.evaluate.calibration.select_calibration`; or one named method),
+optionally adapts the class priors to the site's *unlabelled* images (EM, Saerens et
+al. 2002: for a clinic whose case mix differs from its labelled sample), picks the
+operating threshold (a sensitivity target or Youden's J), and writes a *new* package
+version:
 
 * the weights file is copied byte for byte (same sha256), so the network is
   provably the original one; the OOD parameters are copied too;
@@ -16,10 +20,10 @@ writes a *new* package version:
   into an existing non-empty directory is refused, and the new package is
   assembled in a temporary directory and renamed into place only once it loads.
 
-Temperature scaling is the method because the card and the Predictor apply a
-single temperature, it cannot change which class ranks first (AUC and argmax
-decisions are untouched), and one parameter cannot overfit a small local split.
-``benchmarks/calibration`` measures the ECE it reaches on each shipped model.
+Why a choice of methods: on the shipped models no single method is best
+(``benchmarks/calibration``). Temperature scaling keeps the ranking and cannot
+overfit; the others can fix more but need more data, which the cross-validation
+weighs on the local data itself.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ import numpy as np
 
 from medsight._version import __version__
 from medsight.errors import DataSetError, ModelCardError, PackageOutputError, UnsupportedTaskError
-from medsight.evaluate.calibration import fit_temperature, probabilities
+from medsight.evaluate.calibration import (
+    METHODS, calibrated_probabilities, calibration_map, em_prior_shift, fit_calibration, nll, select_calibration,
+)
 from medsight.evaluate.collect import collect_outputs
 from medsight.evaluate.metrics import Scorer, bootstrap_metrics, expected_calibration_error
 from medsight.evaluate.thresholds import threshold_for_sensitivity, youden_threshold
 from medsight.io.datasets import LabeledDataset, load_dataset
+from medsight.io.image import MedImage
 from medsight.models.card import Calibration, MetricValue, ModelCard
 from medsight.models.package import load_package, write_card
 from medsight.models.registry import resolve
@@ -82,11 +89,39 @@ def _choose_threshold(card: ModelCard, y: np.ndarray, probs: np.ndarray, target:
     return {card.positive_label: th}, f"highest threshold reaching sensitivity >= {target:.2f} on the local data"  # type: ignore[dict-item]
 
 
+def _unlabelled_logits(pred: Predictor, images: list[Path] | list[MedImage], batch_size: int = 64) -> tuple[np.ndarray, int]:
+    """Logits of the unlabelled images that can be read (unreadable ones are counted, not fatal)."""
+    from medsight.errors import MedSightError
+    from medsight.models.preprocess import batch_to_tensor
+    from medsight.predict.predictor import as_image
+
+    parts, bad = [], 0
+    for i in range(0, len(images), batch_size):
+        batch = []
+        for item in images[i : i + batch_size]:
+            try:
+                batch.append(as_image(item))
+            except MedSightError:
+                bad += 1
+        if batch:
+            parts.append(pred.logits(batch_to_tensor(batch, pred.card.input)))
+    if not parts:
+        raise DataSetError(f"none of the {len(images)} unlabelled images could be read")
+    return np.concatenate(parts), bad
+
+
 def recalibrate_dataset(
     package_dir: str | Path, ds: LabeledDataset, out: str | Path, *, data_label: str = "", target_sensitivity: float | None = None,
-    version: str | None = None, n_boot: int = 1000, ood_train: LabeledDataset | None = None,
+    version: str | None = None, n_boot: int = 1000, ood_train: LabeledDataset | None = None, method: str = "auto",
+    unlabelled: list[Path] | list[MedImage] | None = None, unlabelled_label: str = "",
 ) -> dict[str, Any]:
-    """Write the recalibrated package to ``out``; returns a summary (also stored in the new card)."""
+    """Write the recalibrated package to ``out``; returns a summary (also stored in the new card).
+
+    ``method``: "auto" (chosen by cross-validation on ``ds``) or one of
+    :data:`medsight.evaluate.calibration.METHODS`. ``unlabelled``: the site's own images
+    without labels; when given, the class priors are re-estimated on them by EM and the
+    package reweights its probabilities to them.
+    """
     src, dst = Path(package_dir), Path(out)
     _check_output(src, dst)
     pkg = load_package(src)
@@ -95,24 +130,50 @@ def recalibrate_dataset(
         raise UnsupportedTaskError(f"{card.name}: recalibration supports binary and multi-class models")
     if target_sensitivity is not None and not 0 < target_sensitivity < 1:
         raise ValueError("target sensitivity must be between 0 and 1")
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose auto or one of {', '.join(METHODS)}")
     if ds.label_names != card.labels:
         raise DataSetError(f"{ds.name}: labels {ds.label_names} do not match the model's {card.labels}")
-    outputs = collect_outputs(Predictor(pkg), ds)
+    if unlabelled is not None and len(unlabelled) == 0:
+        raise DataSetError("no unlabelled images given for the prior adaptation")
+    pred = Predictor(pkg)
+    outputs = collect_outputs(pred, ds)
     y = np.asarray(ds.y)[outputs.index].astype(int)
     if len(np.unique(y)) < 2:
         raise DataSetError(f"{ds.name}: only one class present; calibration and a threshold need cases of at least two classes")
-    temperature, nll_t1, nll_new = fit_temperature(outputs.logits, y)
-    old_probs = probabilities(outputs.logits, card.calibration.temperature)
-    new_probs = probabilities(outputs.logits, temperature)
-    thresholds, rule = _choose_threshold(card, y, new_probs, target_sensitivity)
+    if method == "auto":
+        cmap, selection = select_calibration(outputs.logits, y)
+    else:
+        cmap, selection = fit_calibration(outputs.logits, y, method), {"criterion": "named by the user", "chosen": method}
+    old_probs = calibrated_probabilities(outputs.logits, card.calibration)
+    new_probs = cmap.apply(outputs.logits)
+    raw_probs = calibration_map(Calibration(method="none")).apply(outputs.logits)
+    new_cal = Calibration(fitted_on=f"{data_label or ds.name} (local)", nll_before=nll(raw_probs, y), nll_after=nll(new_probs, y),
+                          selection=selection, **cmap.params())
+    prior = None
+    if unlabelled is not None:
+        u_logits, n_bad = _unlabelled_logits(pred, list(unlabelled))
+        source = np.bincount(y, minlength=card.num_outputs) / len(y)
+        if (source == 0).any():
+            raise DataSetError(f"{ds.name}: every class needs labelled cases to adapt priors (missing: "
+                               f"{[card.labels[i] for i in np.flatnonzero(source == 0)]})")
+        target, iters = em_prior_shift(cmap.apply(u_logits), source)
+        prior = {"method": "EM (Saerens, Latinne & Decaestecker 2002) on unlabelled local images",
+                 "source_priors": [float(v) for v in source], "target_priors": [float(v) for v in target],
+                 "fitted_on": unlabelled_label or "unlabelled local images", "n": int(len(u_logits)),
+                 "n_unreadable": int(n_bad), "iterations": int(iters)}
+        new_cal.prior_shift = prior
+    # the operating threshold is chosen on what the package will output (prior shift included: it is monotone
+    # for a binary model, so the threshold keeps the sensitivity it was chosen for on the labelled data)
+    final_probs = calibrated_probabilities(outputs.logits, new_cal)
+    thresholds, rule = _choose_threshold(card, y, final_probs, target_sensitivity)
     scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
                     thresholds.get(card.positive_label or "", 0.5))
-    local = bootstrap_metrics(scorer, y, new_probs, n_boot=n_boot)
+    local = bootstrap_metrics(scorer, y, final_probs, n_boot=n_boot)
 
     new = card.model_copy(deep=True)
     new.version = version or bump_version(card.version)
-    new.calibration = Calibration(method="temperature", temperature=temperature, fitted_on=f"{data_label or ds.name} (local)",
-                                  nll_before=nll_t1, nll_after=nll_new)
+    new.calibration = new_cal
     new.thresholds = thresholds
     new.validation_metrics = {k: MetricValue(**v) for k, v in local.items()}
     new.test_metrics = {}
@@ -120,9 +181,11 @@ def recalibrate_dataset(
         "base_model": f"{card.name}@{card.version}", "base_weights_sha256": card.weights_sha256,
         "data": data_label or ds.name, "n": int(len(y)), "n_unreadable": len(outputs.errors),
         "class_counts": {lab: int(c) for lab, c in zip(card.labels, np.bincount(y, minlength=card.num_outputs))},
-        "method": "temperature scaling (NLL, LBFGS)", "threshold_rule": rule, "target_sensitivity": target_sensitivity,
-        "temperature_before": card.calibration.temperature, "temperature_after": temperature,
+        "method": cmap.method, "method_selection": selection, "threshold_rule": rule, "target_sensitivity": target_sensitivity,
+        "calibration_before": card.calibration.model_dump(exclude={"selection"}),
+        "temperature_before": card.calibration.temperature, "temperature_after": cmap.temperature,
         "ece_before": top_label_ece(old_probs, y), "ece_after": top_label_ece(new_probs, y),
+        "prior_shift": prior,
         "thresholds_before": card.thresholds, "thresholds_after": thresholds,
         "base_validation_metrics": {k: v.model_dump() for k, v in card.validation_metrics.items()},
         "base_test_metrics": {k: v.model_dump() for k, v in card.test_metrics.items()},
@@ -159,12 +222,35 @@ def _assemble(src: Path, dst: Path, card: ModelCard, ood_train: LabeledDataset |
 def recalibrate(
     model: str | Path, data: str | Path, out: str | Path, split: str | None = "val", target_sensitivity: float | None = None,
     version: str | None = None, n_boot: int = 1000, fit_ood_split: str | None = None, ood_data: str | Path | None = None,
+    method: str = "auto", unlabelled: list[str | Path] | None = None,
 ) -> dict[str, Any]:
-    """CLI entry: model name/dir + data path; optionally also fit the OOD detector on ``ood_data``/``fit_ood_split``."""
+    """CLI entry: model name/dir + data path; optionally also fit the OOD detector on ``ood_data``/``fit_ood_split``
+    and adapt the class priors to ``unlabelled`` (image files and folders, searched recursively)."""
     src = resolve(model)
     labels = load_package(src).card.labels
     ds = load_dataset(data, split, label_names=labels)
     ood_train = load_dataset(ood_data or data, fit_ood_split, label_names=labels) if fit_ood_split else None
     label = f"{data}" + (f":{split}" if split else "")
+    files = None
+    if unlabelled:
+        files = list(unlabelled_files(unlabelled))
     return recalibrate_dataset(src, ds, out, data_label=label, target_sensitivity=target_sensitivity, version=version,
-                               n_boot=n_boot, ood_train=ood_train)
+                               n_boot=n_boot, ood_train=ood_train, method=method, unlabelled=files,
+                               unlabelled_label=", ".join(str(u) for u in unlabelled or []))
+
+
+def unlabelled_files(paths: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively) in the folders given; a missing path is an error."""
+    from medsight.io.readers import is_probably_image
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(f for f in sorted(p.rglob("*")) if f.is_file() and is_probably_image(f))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataSetError(f"{p}: no such file or folder (unlabelled images for the prior adaptation)")
+    if not out:
+        raise DataSetError(f"no image files found in {', '.join(map(str, paths))}")
+    return out

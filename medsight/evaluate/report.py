@@ -92,7 +92,7 @@ def _card_facts(card: ModelCard, predictor: Predictor) -> dict[str, Any]:
         "input": card.input.model_dump(), "architecture": card.architecture.model_dump(),
         "training_data": {k: t[k] for k in ("dataset_name", "source", "licence", "dataset", "split", "split_rule",
                                             "n_train", "n_val", "n_test", "trained_on", "base_model") if k in t},
-        "calibration": card.calibration.model_dump(), "thresholds": card.thresholds,
+        "calibration": card.calibration.model_dump(exclude={"isotonic"}), "thresholds": card.thresholds,
         "refer_below": card.confidence.refer_below,
         "ood": {k: v for k, v in (card.ood or {}).items() if k in ("method", "threshold", "fitted_on", "target_flag_rate")} or None,
         "test_metrics": {k: v.model_dump() for k, v in card.test_metrics.items()},
@@ -101,11 +101,10 @@ def _card_facts(card: ModelCard, predictor: Predictor) -> dict[str, Any]:
     }
 
 
-def _calibration_block(card: ModelCard, y: np.ndarray, logits: np.ndarray, temperature: float) -> dict[str, Any]:
-    p = probabilities(logits, temperature)
+def _calibration_block(card: ModelCard, y: np.ndarray, p: np.ndarray, method: str, temperature: float) -> dict[str, Any]:
     conf, correct = p.max(axis=1), p.argmax(axis=1) == y
     return {
-        "temperature": temperature,
+        "method": method, "temperature": temperature,
         "ece": expected_calibration_error(conf, correct, ECE_BINS),
         "nll": float(log_loss(y, p, labels=list(range(card.num_outputs)))),
         "brier": float(np.mean(np.sum((p - np.eye(card.num_outputs)[y]) ** 2, axis=1))),
@@ -172,7 +171,7 @@ def _top_warnings(card: ModelCard, summary: dict[str, Any], calib: dict[str, Any
                                          "(out-of-distribution detector): the model may not suit this data; those predictions are referred."})
     if calib["after"]["ece"] > 0.05:
         w.append({"kind": "calibration", "text": f"Probabilities are poorly calibrated on this data (ECE {calib['after']['ece']:.3f} with the "
-                                                 "card's temperature): recalibrate on local validation data with 'medsight calibrate'."})
+                                                 "card's calibration): recalibrate on local validation data with 'medsight calibrate'."})
     return w
 
 
@@ -189,7 +188,7 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
         raise DataSetError(f"{ds.name or source}: empty data set; nothing to validate")
     out = collect_outputs(predictor, ds)
     y = np.asarray(ds.y)[out.index].astype(int)
-    probs = probabilities(out.logits, card.calibration.temperature)
+    probs = predictor.calibrate(out.logits)  # the card's calibration, whatever its method
     pred = decisions(card, probs)
     binary = card.task == "binary"
     threshold = card.thresholds.get(card.positive_label or "", 0.5) if binary else None
@@ -206,9 +205,9 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
         tables = [{"label": card.labels[k], "scope": "one-vs-rest", "table": threshold_table(
             (y == k).astype(int), probs[:, k], None, opts.prevalence, opts.target_sensitivities, opts.fixed_thresholds)}
             for k in positive_classes(card)]
-    calib = {"definition": f"top-label ECE, {ECE_BINS} equal-width bins; before = temperature 1, after = the card's temperature",
-             "before": _calibration_block(card, y, out.logits, 1.0),
-             "after": _calibration_block(card, y, out.logits, card.calibration.temperature)}
+    calib = {"definition": f"top-label ECE, {ECE_BINS} equal-width bins; before = temperature 1, after = the card's calibration",
+             "before": _calibration_block(card, y, probabilities(out.logits, 1.0), "none", 1.0),
+             "after": _calibration_block(card, y, probs, card.calibration.method, card.calibration.temperature)}
     conf = probs[np.arange(len(y)), pred]
     result: dict[str, Any] = {
         "report": "medsight validation report", "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

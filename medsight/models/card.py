@@ -48,11 +48,51 @@ class Architecture(_Strict):
 
 
 class Calibration(_Strict):
-    method: Literal["none", "temperature"] = "temperature"
+    """How logits become calibrated probabilities (applied by medsight.evaluate.calibration.calibrated_probabilities).
+
+    ``temperature``: softmax(z / T). ``temperature-bias``: softmax(z / T + bias).
+    ``vector``: softmax(scale * z + bias). ``isotonic``: per-class isotonic maps of the
+    temperature-1 probabilities (knots ``{"x", "y"}``), renormalised. ``prior_shift``
+    (optional, any method): the probabilities are then reweighted from ``source_priors``
+    (the calibration data's class mix) to ``target_priors`` (a site's, estimated by EM
+    on its unlabelled images). ``selection`` records how the method was chosen.
+    """
+
+    method: Literal["none", "temperature", "temperature-bias", "vector", "isotonic"] = "temperature"
     temperature: float = Field(default=1.0, gt=0)
+    scale: list[float] | None = None
+    bias: list[float] | None = None
+    isotonic: list[dict[str, list[float]]] | None = None
+    prior_shift: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
     fitted_on: str | None = None
     nll_before: float | None = None
     nll_after: float | None = None
+
+    @model_validator(mode="after")
+    def _parameters(self) -> "Calibration":
+        need = {"temperature-bias": ("bias",), "vector": ("scale", "bias"), "isotonic": ("isotonic",)}.get(self.method, ())
+        missing = [f for f in need if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"calibration method {self.method!r} needs {', '.join(missing)}")
+        if self.scale is not None and any(v <= 0 for v in self.scale):
+            raise ValueError("calibration scales must be positive")
+        for i, knots in enumerate(self.isotonic or []):
+            x, y = knots.get("x"), knots.get("y")
+            if not x or y is None or len(x) != len(y) or any(b < a for a, b in zip(x, x[1:])):
+                raise ValueError(f"isotonic map {i}: needs equally long, non-empty 'x' (non-decreasing) and 'y' knot lists")
+        if self.prior_shift is not None:
+            s, t = self.prior_shift.get("source_priors"), self.prior_shift.get("target_priors")
+            if not s or not t or len(s) != len(t) or any(v <= 0 for v in s) or any(v < 0 for v in t):
+                raise ValueError("prior_shift needs source_priors (positive) and target_priors (non-negative) of equal length")
+        return self
+
+    def n_classes(self) -> int | None:
+        """The number of classes the parameters are for (None for temperature scaling)."""
+        for v in (self.scale, self.bias, self.isotonic, (self.prior_shift or {}).get("source_priors")):
+            if v is not None:
+                return len(v)
+        return None
 
 
 class ConfidencePolicy(_Strict):
@@ -111,6 +151,11 @@ class ModelCard(_Strict):
                 self.positive_label = self.labels[1]
             if self.positive_label not in self.labels:
                 raise ValueError(f"positive_label {self.positive_label!r} is not one of {self.labels}")
+        n_cal = self.calibration.n_classes()
+        if n_cal is not None and n_cal != len(self.labels):
+            raise ValueError(f"calibration parameters are for {n_cal} classes, the model has {len(self.labels)}")
+        if self.task == "multilabel" and self.calibration.method not in ("none", "temperature"):
+            raise ValueError("multi-label models support temperature calibration only")
         unknown = [f for f in self.critical_findings if f not in self.labels]
         if unknown:
             raise ValueError(f"critical findings {unknown} are not model labels")

@@ -39,7 +39,7 @@ def overconfident(tiny_package, tmp_path):
 def test_recalibration_fixes_a_wrong_temperature_in_a_new_version(overconfident, tiny_npz, tmp_path):
     before = tree_digest(overconfident)
     out = tmp_path / "new"
-    s = recalibrate(overconfident, tiny_npz, out, split="val", target_sensitivity=0.95, n_boot=50)
+    s = recalibrate(overconfident, tiny_npz, out, split="val", target_sensitivity=0.95, n_boot=50, method="temperature")
     assert tree_digest(overconfident) == before  # the original is untouched
     new = read_card(out)
     old = read_card(overconfident)
@@ -120,3 +120,43 @@ def test_cli_ood_fit_in_place_and_refuses_names(tiny_package, tiny_npz, tmp_path
     assert read_card(d).ood["target_flag_rate"] == 0.02 and (d / "ood.safetensors").is_file()
     r = CliRunner().invoke(app, ["ood", "fit", "-m", "pneumonia-cxr", "-d", str(tiny_npz)])
     assert r.exit_code == 2 and "not a package directory" in r.output
+
+
+def test_auto_method_and_prior_adaptation_on_unlabelled_images(overconfident, tiny_npz, tmp_path):
+    from PIL import Image
+
+    from medsight.evaluate.calibration import calibrated_probabilities, select_calibration
+
+    # unlabelled local images: only "disc" cases (a site with a very different case mix)
+    test = load_npz(tiny_npz, "test", NAMES)
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i in np.flatnonzero(test.y == 1):
+        Image.fromarray(test.image(i).to_uint8()[..., 0]).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "adapted"
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(overconfident), "--data", str(tiny_npz), "--out", str(out),
+                                 "--n-boot", "20", "--adapt-priors", str(folder)])
+    assert r.exit_code == 0, r.output
+    card = read_card(out)
+    m = medsight.load_model(out)
+    val = load_npz(tiny_npz, "val", NAMES)
+    logits = m.logits(batch_to_tensor([val.image(i) for i in range(len(val))], m.card.input))
+    cmap, info = select_calibration(logits, val.y)  # auto = the cross-validated choice on the calibration data
+    assert card.calibration.method == info["chosen"] == cmap.method
+    ps = card.calibration.prior_shift
+    assert ps["n"] == int((test.y == 1).sum()) and ps["n_unreadable"] == 1
+    assert ps["source_priors"] == pytest.approx(list(np.bincount(val.y, minlength=2) / len(val.y)))
+    assert ps["target_priors"][1] > ps["source_priors"][1]  # more "disc" estimated at the site
+    # the package's outputs are the map followed by the prior reweighting
+    np.testing.assert_allclose(m.predict_dataset_probs(val), calibrated_probabilities(logits, card.calibration), atol=1e-6)
+
+
+def test_unknown_method_and_missing_unlabelled_folder_are_clear_errors(overconfident, tiny_npz, tmp_path):
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(overconfident), "--data", str(tiny_npz), "--out",
+                                 str(tmp_path / "a"), "--method", "platt"])
+    assert r.exit_code == 2 and "unknown calibration method" in r.output
+    r = CliRunner().invoke(app, ["calibrate", "--model", str(overconfident), "--data", str(tiny_npz), "--out",
+                                 str(tmp_path / "b"), "--adapt-priors", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no such file or folder" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
