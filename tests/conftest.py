@@ -71,3 +71,19 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path) -> Pa
     cfg = TrainConfig(epochs=8, batch_size=20, lr=5e-3, patience=8, augment=None)
     fit(tiny_card(), load_npz(tiny_npz, "train", names), load_npz(tiny_npz, "val", names), cfg, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_package: Path) -> Path:
+    """The shared tiny model, re-carded as 'tiny-xr' reading CR/DX/CT/MR (the weights are untouched)."""
+    import shutil
+
+    from medsight.models.package import read_card, write_card
+
+    root = tmp_path_factory.mktemp("models")
+    dest = root / "tiny-xr"
+    shutil.copytree(tiny_package, dest)
+    card = read_card(dest)
+    card.name, card.modality = "tiny-xr", "CR/DX/CT/MR (test phantom)"
+    write_card(card, dest)
+    return root

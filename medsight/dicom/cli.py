@@ -61,39 +61,59 @@ def listen_cmd(
     aet: Annotated[str, typer.Option("--aet", help="our AE title")] = "MEDSIGHT",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 11112,
     host: Annotated[str, typer.Option("--host", help="address to bind; loopback unless you mean it")] = "127.0.0.1",
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="where received instances and results are kept")] = Path("medsight-dicom"),
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "-d", help="the service's data folder (default: $MEDSIGHT_DATA_DIR or ./medsight-data); received instances go to <data-dir>/dicom-inbox")] = None,
+    settings_file: Annotated[Optional[Path], typer.Option("--settings", help="JSON file of service settings (share it with 'medsight serve' / 'medsight worker')")] = None,
     calling_aet: Annotated[Optional[list[str]], typer.Option("--calling-aet", help="calling AE title allowed to send (repeatable)")] = None,
     allow_any_ae: Annotated[bool, typer.Option("--allow-any-ae", help="accept associations from any calling AE title")] = False,
     idle_timeout: Annotated[float, typer.Option("--idle-timeout", min=0.1, help="seconds without new instances before a study is complete")] = 30.0,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="analyse complete studies with this model (zoo name or package)")] = None,
-    dest: Annotated[Optional[str], typer.Option("--dest", help="send SR + overlay to AE@host:port (C-STORE) or a STOW-RS URL")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="analyse every study with this model (default: the service's model for the study's modality)")] = None,
+    dest: Annotated[Optional[str], typer.Option("--dest", help="send SR + overlays to AE@host:port (C-STORE) or a DICOMweb URL (STOW-RS)")] = None,
+    fhir_url: Annotated[Optional[str], typer.Option("--fhir-url", help="POST a FHIR R4 DiagnosticReport transaction to this server")] = None,
+    hl7: Annotated[Optional[str], typer.Option("--hl7", help="send an HL7 v2 ORU^R01 over MLLP to host:port")] = None,
     deid_key_file: Annotated[Optional[Path], typer.Option("--deid-key-file", help="de-identify every instance on arrival with this site key")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="worker threads in this process that analyse and deliver (0: 'medsight serve' / 'medsight worker' do it)")] = 1,
 ) -> None:
-    """Run a DICOM Storage SCP (C-ECHO, C-STORE) and analyse each study once it is complete."""
+    """Run a DICOM Storage SCP (C-ECHO, C-STORE) that queues each complete study in the service.
+
+    Analysis and delivery of the results (--dest, --fhir-url, --hl7) are the
+    service's durable jobs: failed sends are retried with backoff, never dropped.
+    """
+    import threading
+
     from medsight.dicom.listener import ListenerConfig, StorageSCP
-    from medsight.dicom.pipeline import build_default_callback
+    from medsight.dicom.pipeline import ServiceStudyCallback
+    from medsight.serve.cli import load_settings
+    from medsight.serve.context import ServiceContext
+    from medsight.serve.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not allow_any_ae and not calling_aet:
         _fail(ValueError("give at least one --calling-aet (or --allow-any-ae to accept every modality/PACS)"))
     try:
+        cfg = load_settings(data_dir, settings_file)
+        outputs = cfg.outputs.model_dump() | {k: v for k, v in {
+            "dicom_destination": dest, "fhir_url": fhir_url, "hl7_destination": hl7, "calling_aet": aet}.items() if v}
+        cfg = cfg.model_validate(cfg.model_dump() | {"outputs": outputs} | ({"deid_key_file": deid_key_file} if deid_key_file else {}))
+        ctx = ServiceContext.build(cfg)
         deid = None
-        if deid_key_file is not None:
+        if cfg.deid_key_file is not None:
             from medsight.dicom.deid import DeidConfig, load_key
 
-            deid = DeidConfig(key=load_key(deid_key_file))
-        callback = build_default_callback(data_dir, model=model, dest=dest, ae_title=aet) if model else None
-        cfg = ListenerConfig(ae_title=aet, host=host, port=port, data_dir=data_dir, allowed_calling_aets=tuple(calling_aet or ()),
-                             allow_any_ae=allow_any_ae, idle_timeout=idle_timeout, deid=deid)
-        scp = StorageSCP(cfg, on_study_complete=callback)
+            deid = DeidConfig(key=load_key(cfg.deid_key_file))
+        listener = ListenerConfig(ae_title=aet, host=host, port=port, data_dir=cfg.data_dir / "dicom-inbox",
+                                  allowed_calling_aets=tuple(calling_aet or ()), allow_any_ae=allow_any_ae,
+                                  idle_timeout=idle_timeout, deid=deid)
+        scp = StorageSCP(listener, on_study_complete=ServiceStudyCallback(ctx, model=model))
         scp.start()
-        if callback is not None and callback.outbox is not None:
-            from medsight.dicom.sender import OutboxRetrier
-
-            OutboxRetrier(callback.outbox, interval=60.0).start()  # failed sends are retried, never dropped
-    except (MedSightError, OSError) as e:
+    except (MedSightError, OSError, ValueError) as e:
         _fail(e)
-    err.print(f"listening as {aet} on {host}:{port}; data in {data_dir}" + ("" if model else " (no --model: studies are stored only)"))
+    pool = [Worker(ctx) for _ in range(workers)]
+    threads = [threading.Thread(target=w.run, name=f"medsight-worker-{k}", daemon=True) for k, w in enumerate(pool)]
+    for t in threads:
+        t.start()
+    channels = ", ".join(c for c in ("dicom", "fhir", "hl7") if cfg.outputs.destination(c)) or "none"
+    err.print(f"listening as {aet} on {host}:{port}; service data in {cfg.data_dir} ({ctx.db.dialect}); "
+              f"{workers} worker thread(s); results out: {channels}", highlight=False)
     signal.signal(signal.SIGTERM, lambda *_: scp.stop())
     try:
         scp.wait()
@@ -101,6 +121,11 @@ def listen_cmd(
         pass
     finally:
         scp.stop()
+        for w in pool:
+            w.stop()
+        for t in threads:
+            t.join(timeout=60)
+        ctx.close()
 
 
 @dicom_app.command("send")
@@ -151,15 +176,35 @@ def pull_cmd(
     study: Annotated[Optional[str], typer.Option("--study", help="Study Instance UID (default: search with the filters)")] = None,
     modality: Annotated[Optional[str], typer.Option("--modality", help="QIDO filter: ModalitiesInStudy")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 10,
+    queue: Annotated[bool, typer.Option("--queue", help="queue each retrieved study in the service for analysis (as the listener does)")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="with --queue: analyse with this model")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "-d", help="with --queue: the service's data folder")] = None,
+    settings_file: Annotated[Optional[Path], typer.Option("--settings", help="with --queue: JSON file of service settings")] = None,
 ) -> None:
-    """Pull studies from a DICOMweb server (QIDO-RS search, WADO-RS retrieve)."""
+    """Pull studies from a DICOMweb server (QIDO-RS search, WADO-RS retrieve), optionally queueing them for analysis."""
     from medsight.dicom.dicomweb import DicomWebSource
 
+    callback = ctx = None
     try:
+        if queue:
+            from medsight.dicom.pipeline import ServiceStudyCallback
+            from medsight.serve.cli import load_settings
+            from medsight.serve.context import ServiceContext
+
+            ctx = ServiceContext.build(load_settings(data_dir, settings_file))
+            callback = ServiceStudyCallback(ctx, model=model)
         src = DicomWebSource(url)
         uids = [study] if study else [s.study_instance_uid for s in src.search_studies(modality=modality, limit=limit)]
         for uid in uids:
-            paths = src.retrieve_study(uid, out_dir)
-            err.print(f"{uid}: {len(paths)} instances -> {out_dir}", highlight=False)
+            paths = src.retrieve_study(uid, out_dir / uid)
+            line = f"{uid}: {len(paths)} instances -> {out_dir / uid}"
+            if callback is not None:
+                from medsight.dicom.listener import ReceivedStudy
+
+                line += f"; {callback(ReceivedStudy(uid, paths, {'DICOMWEB'}))}"
+            err.print(line, highlight=False, soft_wrap=True)
     except MedSightError as e:
         _fail(e)
+    finally:
+        if ctx is not None:
+            ctx.close()

@@ -2,8 +2,9 @@
 
 For sites where MedSight may not receive pushes (no auto-routing rule on the
 PACS), it asks the PACS instead. Retrieved instances are written atomically,
-one file per instance named after its SOP Instance UID, and can be given to
-:func:`medsight.dicom.pipeline.analyse_study` as they are.
+one file per instance named after its SOP Instance UID; ``medsight dicom pull
+--queue`` hands each retrieved study to the service exactly as the listener
+does (:class:`medsight.dicom.pipeline.ServiceStudyCallback`).
 """
 
 from __future__ import annotations

@@ -36,11 +36,27 @@ UCUM = "http://unitsofmeasure.org"
 DICOM_UID = "urn:dicom:uid"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 DIAG_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
+RESULT_ID_SYSTEM = "urn:medsight:result"  # our identifiers: stable across delivery retries of one bundle
 ACCESSION_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
 
 def _urn() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
+
+
+def _create(resource_type: str, url: str, resource) -> dict:  # noqa: ANN001 - a fhir.resources model
+    """A transaction entry that creates ``resource`` only if no resource with its MedSight identifier exists.
+
+    Delivery is at-least-once (a retry after a lost reply re-POSTs the bundle);
+    FHIR conditional create (``ifNoneExist``) makes the re-POST a no-op on the server.
+    """
+    ident = next(i for i in resource.identifier if i.system == RESULT_ID_SYSTEM)
+    return {"fullUrl": url, "resource": resource,
+            "request": {"method": "POST", "url": resource_type, "ifNoneExist": f"identifier={RESULT_ID_SYSTEM}|{ident.value}"}}
+
+
+def _identifier(bundle_id: str, part: str) -> dict:
+    return {"system": RESULT_ID_SYSTEM, "value": f"{bundle_id}-{part}"}
 
 
 def _finding(label: str) -> dict:
@@ -52,23 +68,26 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
     study_uid = check_one_study(images)
     issued = issued or dt.datetime.now(dt.timezone.utc)
     name, version = model_name_version(images[0].prediction)
+    bundle_id = str(uuid.uuid4())
     study_ref = {"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}}
     device_url = _urn()
     device = Device.model_validate({
         "resourceType": "Device", "manufacturer": MANUFACTURER,
+        "identifier": [_identifier(bundle_id, "device")],
         "deviceName": [{"name": f"{MANUFACTURER} {name}", "type": "model-name"}],
         "version": [{"value": version}],
         "note": [{"text": DISCLAIMER}],
     })
-    entries: list[dict] = [{"fullUrl": device_url, "resource": device, "request": {"method": "POST", "url": "Device"}}]
+    entries: list[dict] = [_create("Device", device_url, device)]
     observation_urls = []
-    for analysed in images:
+    for k, analysed in enumerate(images):
         p = analysed.prediction
         instance = str(analysed.source.get("SOPInstanceUID", ""))
         where = f"SOP Instance {instance}" + (f" frame {analysed.frame_number}" if analysed.frame_number else "")
-        for label, prob in p.probabilities.items():
+        for j, (label, prob) in enumerate(p.probabilities.items()):
             obs = Observation.model_validate({
                 "resourceType": "Observation", "status": "preliminary",
+                "identifier": [_identifier(bundle_id, f"obs-{k}-{j}")],
                 "category": [{"coding": [{"system": OBS_CATEGORY, "code": "imaging", "display": "Imaging"}]}],
                 "code": {"coding": [{"system": CODING_SCHEME_URI, "code": f"P-{label_code(label)}", "display": f"Probability of {label}"}],
                          "text": f"Probability of {label}"},
@@ -81,7 +100,7 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
             })
             url = _urn()
             observation_urls.append(url)
-            entries.append({"fullUrl": url, "resource": obs, "request": {"method": "POST", "url": "Observation"}})
+            entries.append(_create("Observation", url, obs))
     report: dict = {
         "resourceType": "DiagnosticReport", "status": "preliminary",
         "category": [{"coding": [{"system": DIAG_SERVICE, "code": "RAD", "display": "Radiology"}]}],
@@ -94,26 +113,46 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
         "conclusionCode": [_finding(lab) for lab in dict.fromkeys(a.prediction.label for a in images)],
     }
     accession = str(images[0].source.get("AccessionNumber", "") or "").strip()
+    report["identifier"] = [_identifier(bundle_id, "report")]
     if accession:
-        report["identifier"] = [{"type": ACCESSION_TYPE, "value": accession}]
-    entries.append({"fullUrl": _urn(), "resource": DiagnosticReport.model_validate(report),
-                    "request": {"method": "POST", "url": "DiagnosticReport"}})
+        report["identifier"].append({"type": ACCESSION_TYPE, "value": accession})
+    entries.append(_create("DiagnosticReport", _urn(), DiagnosticReport.model_validate(report)))
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 
 
-def post_bundle(bundle: Bundle, endpoint: str, timeout: float = 30.0, session=None) -> dict:
-    """POST the transaction to a FHIR server base URL; returns the server's response Bundle as a dict."""
+class FhirPostError(ResultExportError):
+    """The FHIR server did not take the bundle; ``permanent`` when resending it cannot help (4xx but 408/429)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def bundle_json(bundle: Bundle) -> str:
+    return bundle.model_dump_json(exclude_none=True)
+
+
+def post_bundle(bundle: Bundle | str | bytes, endpoint: str, timeout: float = 30.0, session=None) -> dict:
+    """POST the transaction to a FHIR server base URL; returns the server's response Bundle as a dict.
+
+    ``bundle`` may be the model or its JSON (as stored by the service between delivery attempts).
+    """
     import requests
 
+    data = bundle_json(bundle) if isinstance(bundle, Bundle) else bundle
     http = session or requests
     try:
-        r = http.post(endpoint.rstrip("/"), data=bundle.model_dump_json(exclude_none=True),
+        r = http.post(endpoint.rstrip("/"), data=data,
                       headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}, timeout=timeout)
     except requests.RequestException as exc:
-        raise ResultExportError(f"FHIR endpoint {endpoint} unreachable: {exc}") from exc
+        raise FhirPostError(f"FHIR endpoint {endpoint} unreachable: {exc}") from exc
     if r.status_code >= 300:
-        raise ResultExportError(f"FHIR endpoint {endpoint} answered {r.status_code}: {r.text[:300]}")
-    return r.json() if r.content else {}
+        permanent = 400 <= r.status_code < 500 and r.status_code not in (408, 429)
+        raise FhirPostError(f"FHIR endpoint {endpoint} answered {r.status_code}: {r.text[:300]}", permanent=permanent)
+    try:
+        return r.json() if r.content else {}
+    except ValueError:
+        return {}
 
 
-__all__ = ["build_fhir_bundle", "post_bundle"]
+__all__ = ["build_fhir_bundle", "post_bundle", "bundle_json", "FhirPostError", "RESULT_ID_SYSTEM"]

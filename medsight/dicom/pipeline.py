@@ -1,38 +1,28 @@
-"""The default study-complete callback: Predictor -> SR + overlay Secondary Captures -> outbox -> PACS.
+"""The DICOM gateway's study-complete step: a received study becomes a queued study of the service.
 
-Inference goes through :class:`~medsight.predict.predictor.Predictor` (the
-one inference path); this module only chooses which received instances to
-analyse and where the results go. The service (issue 5) can replace the
-whole callback with one that enqueues a job and calls :func:`analyse_study`
-from its worker.
+The listener only receives and groups instances. When a study is complete it
+is handed to the service exactly as a web upload is (:func:`medsight.serve.ingest.ingest_files`):
+the same validation, the same durable ``analyse`` job, the same workers, the
+same one inference path (:class:`~medsight.predict.predictor.Predictor`). The
+worker that analyses the study also builds the SR, the overlay Secondary
+Captures, the FHIR and HL7 messages the site configured, and queues their
+delivery as ``deliver`` jobs with retry (:mod:`medsight.dicom.delivery`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 
-from medsight.dicom.files import atomic_write_dataset
 from medsight.dicom.listener import ReceivedStudy
-from medsight.dicom.results import MANUFACTURER, AnalysedImage
-from medsight.predict.result import PredictionError
+from medsight.dicom.results import MANUFACTURER
 
 log = logging.getLogger("medsight.dicom.pipeline")
 
-
-@dataclass
-class StudyResultFiles:
-    study_instance_uid: str
-    sr: Path | None = None
-    secondary_captures: list[Path] = field(default_factory=list)
-    analysed: int = 0
-    skipped: list[str] = field(default_factory=list)  # "<SOP Instance UID>: reason" (no patient data)
-
-    def __str__(self) -> str:
-        return f"{self.analysed} analysed, SR {'written' if self.sr else 'not written'}, {len(self.secondary_captures)} overlays, {len(self.skipped)} skipped"
+# (0040,1003) Requested Procedure Priority / (0040,0003)-style free text -> the worklist's priorities
+_DICOM_PRIORITY = {"STAT": "stat", "HIGH": "urgent", "URGENT": "urgent", "ASAP": "urgent"}
 
 
 def is_own_output(ds: pydicom.Dataset) -> bool:
@@ -40,74 +30,58 @@ def is_own_output(ds: pydicom.Dataset) -> bool:
     return str(ds.get("Manufacturer", "")) == MANUFACTURER
 
 
-def analyse_study(files: list[Path], predictor, out_dir: Path) -> StudyResultFiles:
-    """Analyse every image instance of one study and write the SR and overlay series under ``out_dir``."""
-    from medsight.dicom.secondary_capture import build_overlay_series
-    from medsight.dicom.sr import build_sr
+def requested_priority(ds: pydicom.Dataset) -> str:
+    """The order's priority when the modality recorded one (Requested Procedure Priority), else routine."""
+    value = str(ds.get("RequestedProcedurePriority", "") or "").strip().upper()
+    return _DICOM_PRIORITY.get(value, "routine")
 
-    headers, inputs = [], []
-    result = StudyResultFiles(study_instance_uid="")
+
+def analysable_instances(files: list[Path]) -> tuple[list[Path], list[pydicom.Dataset], list[str]]:
+    """Instances worth analysing (images that are not our own output), their headers, and why others were skipped."""
+    keep, headers, skipped = [], [], []
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        result.study_instance_uid = str(ds.StudyInstanceUID)
+        ds = pydicom.dcmread(f, defer_size=1024, force=True)  # large values (pixels) are not loaded
+        uid = str(ds.get("SOPInstanceUID", f.name))
         if is_own_output(ds):
-            result.skipped.append(f"{ds.SOPInstanceUID}: MedSight output")
-            continue
-        headers.append(ds)
-        inputs.append(str(f))
-    analysed = []
-    for ds, pred in zip(headers, predictor.predict_many(inputs, explain=True)):
-        if isinstance(pred, PredictionError):
-            result.skipped.append(f"{ds.SOPInstanceUID}: {pred.kind}")
-            log.warning("instance %s of study %s not analysed: %s", ds.SOPInstanceUID, ds.StudyInstanceUID, pred.kind)
-            continue
-        analysed.append(AnalysedImage(pred, ds))
-    result.analysed = len(analysed)
-    if not analysed:
-        return result
-    study_dir = out_dir / result.study_instance_uid
-    sr = build_sr(analysed)
-    result.sr = atomic_write_dataset(sr, study_dir / f"sr-{sr.SOPInstanceUID}.dcm")
-    for sc in build_overlay_series(analysed):
-        result.secondary_captures.append(atomic_write_dataset(sc, study_dir / f"sc-{sc.SOPInstanceUID}.dcm"))
-    return result
+            skipped.append(f"{uid}: MedSight output")
+        elif "PixelData" not in ds and "FloatPixelData" not in ds:
+            skipped.append(f"{uid}: no pixel data")
+        else:
+            keep.append(f)
+            headers.append(ds)
+    return keep, headers, skipped
 
 
-class DefaultStudyCallback:
-    """Load the model once; on each complete study analyse it and queue SR + SCs for the destination."""
+class ServiceStudyCallback:
+    """Queue each complete study in the service (``ctx``: a :class:`~medsight.serve.context.ServiceContext`)."""
 
-    def __init__(self, data_dir: Path, model: str, dest: str | None = None, ae_title: str = "MEDSIGHT",
-                 predictor=None, outbox=None):
-        self.data_dir = Path(data_dir)
+    def __init__(self, ctx, model: str | None = None):  # noqa: ANN001 - avoids importing the service at module load
+        self.ctx = ctx
         self.model = model
-        self._predictor = predictor
-        self.outbox = outbox
-        if outbox is None and dest:
-            from medsight.dicom.sender import Outbox, parse_destination
 
-            self.outbox = Outbox(self.data_dir / "outbox", parse_destination(dest), calling_aet=ae_title)
+    def __call__(self, study: ReceivedStudy) -> str:
+        from medsight.errors import DuplicateStudyError, MedSightError
+        from medsight.serve.audit import Actor
+        from medsight.serve.ingest import ingest_files
 
-    @property
-    def predictor(self):
-        if self._predictor is None:
-            from medsight import load_model
-
-            self._predictor = load_model(self.model)
-        return self._predictor
-
-    def __call__(self, study: ReceivedStudy) -> StudyResultFiles:
-        result = analyse_study(study.files, self.predictor, self.data_dir / "results")
-        log.info("study %s: %s", study.study_instance_uid, result)
-        if self.outbox is not None and result.sr is not None:
-            for path in [result.sr, *result.secondary_captures]:
-                self.outbox.put_file(path)
-            report = self.outbox.flush()
-            log.info("study %s: sent %d result objects, %d waiting for retry", study.study_instance_uid, report.sent, report.pending)
-        return result
-
-
-def build_default_callback(data_dir: Path, model: str, dest: str | None = None, ae_title: str = "MEDSIGHT") -> DefaultStudyCallback:
-    return DefaultStudyCallback(data_dir, model, dest, ae_title)
+        files, headers, skipped = analysable_instances(study.files)
+        for reason in skipped:
+            log.info("study %s: skipped %s", study.study_instance_uid, reason)
+        if not files:
+            return f"nothing to analyse ({len(skipped)} instances skipped)"
+        priority = max((requested_priority(h) for h in headers), key=("routine", "urgent", "stat").index)
+        actor = Actor(f"dicom:{','.join(sorted(study.calling_aets)) or 'unknown'}", "system")
+        try:
+            queued = ingest_files(self.ctx, files, actor=actor, model=self.model, priority=priority)
+        except DuplicateStudyError as e:
+            log.warning("study %s was already received: %s (late instances are not analysed again)", study.study_instance_uid, e)
+            return f"already in the service: {e}"
+        except MedSightError as e:  # unreadable image, no model for the modality, ...: refused, listener keeps serving
+            log.warning("study %s refused by the service: %s", study.study_instance_uid, e)
+            return f"refused: {e}"
+        log.info("study %s queued as service study %s (%s, %d instances)", study.study_instance_uid, queued.id,
+                 queued.model, len(files))
+        return f"queued as study {queued.id} ({queued.model}, priority {priority})"
 
 
-__all__ = ["analyse_study", "DefaultStudyCallback", "build_default_callback", "StudyResultFiles", "is_own_output"]
+__all__ = ["ServiceStudyCallback", "analysable_instances", "is_own_output", "requested_priority"]

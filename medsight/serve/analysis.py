@@ -10,6 +10,7 @@ also completes the job conditionally on the worker still holding its lease.
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from medsight.serve.context import ServiceContext
 from medsight.serve.db import Instance, Result, Study, utcnow
 from medsight.serve.jobs import Lease
 from medsight.serve.triage import base_score, critical_probability
+
+
+log = logging.getLogger("medsight.serve.analysis")
 
 
 class LeaseLost(Exception):
@@ -54,6 +58,48 @@ def is_critical(card: ModelCard, pred: Prediction) -> bool:
     return False
 
 
+def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: list) -> tuple[dict[str, list[str]], str | None]:
+    """Build the configured result objects (SR/SC, FHIR, HL7) once and store them; channel -> blob hashes.
+
+    Built here, from the very predictions just stored, so a delivery retry
+    re-sends identical bytes. A failure to build is reported (audit + log) but
+    does not undo the analysis: the radiologist still sees the result.
+    """
+    outputs = ctx.settings.outputs
+    dicom_source = study["source_format"] == "dicom"
+    channels = outputs.channels(dicom_source)
+    if not channels:
+        return {}, None
+    from medsight.dicom.delivery import build_payloads
+    from medsight.dicom.results import AnalysedImage
+
+    try:
+        images = [AnalysedImage(p, _source_header(path) if dicom_source else _stand_in_header(study))
+                  for path, p in zip(paths, preds)]
+        return {c: [ctx.store.put_bytes(b) for b in build_payloads(images, c, outputs)] for c in channels}, None
+    except Exception as e:  # noqa: BLE001 - any builder failure is reported, the analysis stands
+        log.exception("study %s: result objects could not be built", study["study_uid"])
+        return {}, f"{type(e).__name__}: {e}"[:500]
+
+
+def _source_header(path: Path):  # noqa: ANN202 - pydicom Dataset
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _stand_in_header(study: dict):  # noqa: ANN202 - pydicom Dataset
+    """PNG/JPEG uploads have no DICOM header; FHIR and HL7 need only the study's identity."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.StudyInstanceUID = study["study_uid"]
+    ds.Modality = study["modality"]
+    if study["accession_number"]:
+        ds.AccessionNumber = study["accession_number"]
+    return ds
+
+
 def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
     """Run the study's model on each instance, store results, complete the job. Raises LeaseLost / AnalysisFailed."""
     with ctx.db.session() as s:
@@ -62,6 +108,8 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
             raise AnalysisFailed(f"study {lease.study_id} no longer exists")
         study.status = "analysing"
         model_name = study.model
+        facts = {"study_uid": study.study_uid, "accession_number": study.accession_number,
+                 "source_format": study.source_format, "modality": study.modality}
         instances = [(i.id, i.file_sha256) for i in s.execute(
             select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)).scalars()]
     try:
@@ -75,6 +123,7 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
     if errors:
         raise AnalysisFailed("; ".join(f"{e.kind}: {e.error}" for e in errors))
 
+    outgoing, export_error = _build_outgoing(ctx, facts, paths, preds)
     stored = []
     with tempfile.TemporaryDirectory(dir=ctx.store.tmp_dir) as tmp:
         for (inst_id, _), pred in zip(instances, preds):
@@ -115,6 +164,12 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
         record(s, Actor(f"worker:{lease.owner}", "worker"), "result.create", "study", study.id,
                results=[r.id for r in results], model=key.model, finding=key.label, critical=study.critical,
                job=lease.job_id, attempt=lease.attempt)
+        outputs = ctx.settings.outputs
+        for channel, shas in outgoing.items():
+            ctx.queue.enqueue(s, "deliver", study.id, {"channel": channel, "blobs": shas}, priority=50,
+                              max_attempts=outputs.max_attempts)
+        if export_error:
+            record(s, Actor(f"worker:{lease.owner}", "worker"), "deliver.build_failed", "study", study.id, error=export_error)
         if study.critical and ctx.settings.webhook.url:
             ctx.queue.enqueue(s, "notify", study.id, {"url": ctx.settings.webhook.url}, priority=100,
                               max_attempts=ctx.settings.webhook.max_attempts)

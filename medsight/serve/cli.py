@@ -39,9 +39,7 @@ def _fail(e: Exception, code: int = 2) -> None:
 def load_settings(data_dir: Path | None, settings_file: Path | None, **overrides: object):  # noqa: ANN201
     from medsight.serve.config import ServiceSettings
 
-    if settings_file is not None:
-        os.environ["MEDSIGHT_SETTINGS"] = str(settings_file)
-    return ServiceSettings.from_env(data_dir=data_dir, **overrides)
+    return ServiceSettings.from_env(settings_file, data_dir=data_dir, **overrides)
 
 
 def _context(data_dir: Path | None, settings_file: Path | None, **overrides: object):  # noqa: ANN201

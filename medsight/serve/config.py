@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medsight.dicom.delivery import OutputSettings
+
 #: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
 KNOWN_MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "XC", "OT", "PX", "NM", "PT", "XA", "RF")
 
@@ -52,6 +54,9 @@ class WebhookSettings(BaseModel):
     backoff_max_s: float = Field(default=300.0, ge=0)
 
 
+_OUTPUT_ENV = {"dicom_destination": "MEDSIGHT_DICOM_DEST", "fhir_url": "MEDSIGHT_FHIR_URL", "hl7_destination": "MEDSIGHT_HL7_DEST"}
+
+
 class ServiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,22 +79,34 @@ class ServiceSettings(BaseModel):
     public_url: str = "http://127.0.0.1:8000"
     triage: TriageWeights = TriageWeights()
     webhook: WebhookSettings = WebhookSettings()
+    #: Results out: SR + overlays to a PACS, FHIR DiagnosticReport, HL7 ORU (durable ``deliver`` jobs).
+    outputs: OutputSettings = OutputSettings()
+    #: De-identify every DICOM file on arrival (web upload and DICOM listener) with this site key
+    #: (PS3.15 Basic Profile + options, :mod:`medsight.dicom.deid`). Results sent back then carry
+    #: the de-identified UIDs, so a PACS holding the originals will not file them in its study.
+    deid_key_file: Path | None = None
     #: Fault injection for crash-recovery tests only: the worker sleeps this long after
     #: claiming a job (heartbeating), so a test can kill it while it holds a lease.
     fault_claim_delay_s: float = Field(default=0.0, ge=0)
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "ServiceSettings":
-        """Settings from ``MEDSIGHT_*`` environment variables, then explicit overrides."""
+    def from_env(cls, settings_file: Path | None = None, **overrides: object) -> "ServiceSettings":
+        """Settings from ``settings_file`` (default ``$MEDSIGHT_SETTINGS``), ``MEDSIGHT_*`` variables, then overrides."""
         env: dict[str, object] = {}
-        if os.environ.get("MEDSIGHT_SETTINGS"):
-            env.update(json.loads(Path(os.environ["MEDSIGHT_SETTINGS"]).read_text()))
+        settings_file = settings_file or (Path(os.environ["MEDSIGHT_SETTINGS"]) if os.environ.get("MEDSIGHT_SETTINGS") else None)
+        if settings_file is not None:
+            env.update(json.loads(Path(settings_file).read_text()))
         if os.environ.get("MEDSIGHT_DATA_DIR"):
             env["data_dir"] = Path(os.environ["MEDSIGHT_DATA_DIR"])
         if os.environ.get("MEDSIGHT_DATABASE_URL"):
             env["database_url"] = os.environ["MEDSIGHT_DATABASE_URL"]
         if os.environ.get("MEDSIGHT_WEBHOOK_URL"):
             env["webhook"] = WebhookSettings(url=os.environ["MEDSIGHT_WEBHOOK_URL"])
+        outputs = {key: os.environ[var] for key, var in _OUTPUT_ENV.items() if os.environ.get(var)}
+        if outputs:
+            env["outputs"] = OutputSettings.model_validate({**dict(env.get("outputs") or {}), **outputs})
+        if os.environ.get("MEDSIGHT_DEID_ON_ARRIVAL"):
+            env["deid_key_file"] = Path(os.environ["MEDSIGHT_DEID_ON_ARRIVAL"])
         if os.environ.get("MEDSIGHT_PUBLIC_URL"):
             env["public_url"] = os.environ["MEDSIGHT_PUBLIC_URL"]
         env.update({k: v for k, v in overrides.items() if v is not None})

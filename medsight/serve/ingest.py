@@ -125,6 +125,42 @@ def _copy_limited(src, dst, budget: int, name: str) -> int:  # noqa: ANN001
     return n
 
 
+def deidentify_on_arrival(files: list[tuple[str, Path]], work: Path, key_file: Path) -> list[tuple[str, Path]]:
+    """Replace every DICOM file by its de-identified copy (in ``work``) before anything is stored.
+
+    Files the DICOM listener already de-identified with the site key are kept
+    as they are (de-identifying twice would remap UIDs twice). A file the
+    profile refuses (e.g. Burned In Annotation = YES) refuses the whole upload.
+    The uploaded file names are replaced too: they often hold patient names.
+    """
+    from medsight.dicom.deid import DeidConfig, deidentify_file, load_key
+    from medsight.errors import MedSightError
+
+    try:
+        config = DeidConfig(key=load_key(key_file))
+    except MedSightError as e:
+        raise UploadError(f"de-identification on arrival is configured but unusable: {e}") from None
+    out = []
+    for k, (name, path) in enumerate(files):
+        if sniff(path) != "dicom" or _deidentified_by_us(path):
+            out.append((name, path))
+            continue
+        target = work / f"deid_{k:05d}.dcm"
+        try:
+            deidentify_file(path, target, config)
+        except MedSightError as e:
+            raise UploadError(f"{name}: refused by de-identification: {str(e).replace(str(path), name)}") from None
+        out.append((f"deidentified-{k + 1:04d}.dcm", target))  # upload names often hold patient names
+    return out
+
+
+def _deidentified_by_us(path: Path) -> bool:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    methods = ds.get("DeidentificationMethod", "")
+    methods = [methods] if isinstance(methods, str) else list(methods or [])
+    return str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and any(str(m).startswith("MedSight PS3.15") for m in methods)
+
+
 def check_file(name: str, path: Path) -> _Checked:
     """Read the image fully (decoding its pixels) so that anything unusable is refused now, not by the worker."""
     try:
@@ -177,6 +213,8 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
     work = Path(tempfile.mkdtemp(dir=ctx.store.tmp_dir, prefix="ingest-"))
     try:
         files = expand_archives(req.files, work, s_cfg.max_upload_bytes, s_cfg.max_files_per_upload)
+        if s_cfg.deid_key_file is not None:
+            files = deidentify_on_arrival(files, work, s_cfg.deid_key_file)
         checked = [check_file(name, path) for name, path in files]
         study_uid, modality, fmt = plan_study(checked, req.modality)
         card = ctx.catalog.choose(modality, req.model)

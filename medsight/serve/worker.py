@@ -32,7 +32,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when none was due."""
-        lease = self.ctx.queue.claim(self.name, ("analyse", "notify"))
+        lease = self.ctx.queue.claim(self.name, ("analyse", "notify", "deliver"))
         if lease is None:
             return False
         log.info("claimed job %s (%s, study %s, attempt %s)", lease.job_id, lease.kind, lease.study_id, lease.attempt)
@@ -43,6 +43,8 @@ class Worker:
                 self._analyse(lease)
             elif lease.kind == "notify":
                 self._notify(lease)
+            elif lease.kind == "deliver":
+                self._deliver(lease)
             else:
                 self.ctx.queue.fail(lease, f"unknown job kind {lease.kind!r}")
             if hb.lost:
@@ -102,6 +104,35 @@ class Worker:
         with self.ctx.db.session() as s:
             if self.ctx.queue.complete(s, lease):
                 self._audit_notify(s, lease, "notify.sent", status=status, attempts=lease.attempt, url=url)
+
+    def _deliver(self, lease: Lease) -> None:
+        """Send one stored batch of result objects (SR/SC, FHIR bundle, HL7 message) to its channel's destination.
+
+        Transient failures are retried with backoff until ``outputs.max_attempts``;
+        a permanent refusal fails the job at once. Either way the blobs stay in
+        storage and the job row records the error, so nothing is dropped silently.
+        """
+        from medsight.dicom.delivery import DeliveryFailed, send_payloads
+
+        outputs = self.ctx.settings.outputs
+        channel = str(lease.payload.get("channel"))
+        try:
+            payloads = [self.ctx.store.read_bytes(sha) for sha in lease.payload.get("blobs", [])]
+            receipt = send_payloads(channel, payloads, outputs)
+        except (DeliveryFailed, OSError) as e:
+            permanent = getattr(e, "permanent", False)
+            new = self.ctx.queue.fail(lease, str(e), retry_in_s=None if permanent else outputs.backoff(lease.attempt))
+            log.warning("deliver %s for study %s (attempt %s): %s%s", channel, lease.study_id, lease.attempt, e,
+                        "" if new == "queued" else " - given up")
+            if new == "failed":
+                with self.ctx.db.session() as s:
+                    self._audit_notify(s, lease, "deliver.failed", channel=channel, error=str(e)[:500],
+                                       attempts=lease.attempt, permanent=permanent)
+            return
+        with self.ctx.db.session() as s:
+            if self.ctx.queue.complete(s, lease):
+                self._audit_notify(s, lease, "deliver.sent", channel=channel, receipt=receipt, attempts=lease.attempt)
+        log.info("deliver %s for study %s: %s", channel, lease.study_id, receipt)
 
     def _audit_notify(self, s: Session, lease: Lease, action: str, **detail: object) -> None:
         record(s, Actor(f"worker:{self.name}", "worker"), action, "study", lease.study_id, job=lease.job_id, **detail)

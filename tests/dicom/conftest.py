@@ -48,3 +48,21 @@ def ct_study(predictor) -> list:
     files = [DATA / n for n in CT_STUDY]
     preds = predictor.predict_batch([str(f) for f in files], explain=True)
     return [AnalysedImage(p, read(f)) for p, f in zip(preds, files)]
+
+
+def service_context(folder: Path, models_dir: Path, **overrides):
+    """A real service (SQLite, file store, job queue) whose CT model is the tiny test model."""
+    from medsight.serve.config import ServiceSettings
+    from medsight.serve.context import ServiceContext
+
+    fields = {"data_dir": folder / "service", "model_paths": [models_dir], "use_zoo": False,
+              "default_models": {"CT": "tiny-xr", "CR": "tiny-xr"}} | overrides
+    settings = ServiceSettings(**fields)
+    return ServiceContext.build(settings)
+
+
+def run_jobs(ctx) -> int:
+    """Run every due job (analysis, then the deliveries it queued) in this process."""
+    from medsight.serve.worker import Worker
+
+    return Worker(ctx, name="test-worker").run(exit_when_idle=True)

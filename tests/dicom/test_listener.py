@@ -236,24 +236,42 @@ def test_pending_studies_survive_a_restart(tmp_path: Path) -> None:
     assert InstanceStore(tmp_path).due_studies(idle_timeout=0, now=time.monotonic() + 1) == []
 
 
-def test_cli_listen_starts_and_answers_echo(tmp_path: Path) -> None:
+def test_cli_listen_end_to_end_with_dcmtk(tmp_path: Path, models_dir: Path) -> None:
+    """`medsight dicom listen` as a hospital runs it: dcmtk's echoscu and storescu send a real study, the
+    in-process service worker analyses it and the SR + overlays arrive at the configured PACS."""
+    import json
     import socket
     import sys
 
-    echoscu = tool("echoscu")
+    from .test_sender import pacs
+
+    echoscu, storescu = tool("echoscu"), tool("storescu")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "medsight.cli", "dicom", "listen", "--port", str(port), "--calling-aet", "ECHOSCU",
-                             "--data-dir", str(tmp_path / "d")], stderr=subprocess.PIPE, text=True)
+    receiver = pacs(tmp_path)
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"model_paths": [str(models_dir)], "use_zoo": False, "default_models": {"CT": "tiny-xr"},
+                                    "poll_seconds": 0.2}))
+    proc = subprocess.Popen([sys.executable, "-m", "medsight.cli", "dicom", "listen", "--port", str(port), "--calling-aet", "STORESCU",
+                             "--data-dir", str(tmp_path / "d"), "--settings", str(settings), "--idle-timeout", "1",
+                             "--dest", f"PACS@127.0.0.1:{receiver.port}"], stderr=subprocess.PIPE, text=True)
     try:
         def echo_ok():
-            return subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", "MEDSIGHT", "127.0.0.1", str(port)],
+            return subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "MEDSIGHT", "127.0.0.1", str(port)],
                                   capture_output=True, timeout=30).returncode == 0
         wait_for(echo_ok, timeout=120, period=0.5)
+        sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSIGHT", "127.0.0.1", str(port),
+                               *[str(DATA / n) for n in CT_STUDY]], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        results = wait_for(lambda: len(receiver.received()) >= 3 and receiver.received(), timeout=180, period=0.5)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+        receiver.stop()
+    assert sorted(r.Modality for r in results) == ["OT", "OT", "SR"]
+    assert {r.StudyInstanceUID for r in results} == {read(DATA / CT_STUDY[0]).StudyInstanceUID}
+    assert (tmp_path / "d" / "medsight.db").exists()  # the study went through the service's database
     no_policy = subprocess.run([sys.executable, "-m", "medsight.cli", "dicom", "listen", "--port", str(port)],
                                capture_output=True, text=True, timeout=120)
     assert no_policy.returncode == 2 and "--calling-aet" in no_policy.stderr

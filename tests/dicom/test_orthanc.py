@@ -2,10 +2,11 @@
 
 A real pydicom-data CT study is stored into Orthanc over its REST API; an
 Orthanc Lua ``OnStoredInstance`` rule forwards each instance to the MedSight
-listener; MedSight analyses the complete study with the tiny model and sends
-the SR and the overlay Secondary Captures back by C-STORE; the test then
-checks through Orthanc's REST API that both are in the same study with the
-predicted values. A second test uses Orthanc's DICOMweb plugin for pull
+listener; the complete study is queued in the MedSight service (SQLite), a
+service worker analyses it with the tiny model and a ``deliver`` job sends the
+SR and the overlay Secondary Captures back by C-STORE; the test then checks
+through Orthanc's REST API that both are in the same study with the values the
+service stored. A second test uses Orthanc's DICOMweb plugin for pull
 (QIDO-RS/WADO-RS) and push (STOW-RS).
 """
 
@@ -24,9 +25,10 @@ import pytest
 import requests
 
 from medsight.dicom.listener import ListenerConfig, StorageSCP
-from medsight.dicom.pipeline import DefaultStudyCallback
+from medsight.dicom.pipeline import ServiceStudyCallback
+from medsight.serve.worker import Worker
 
-from .conftest import CT_STUDY, DATA, read
+from .conftest import CT_STUDY, DATA, read, service_context
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -107,14 +109,20 @@ def wait_for(predicate, timeout: float, period: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def round_trip(predictor, tmp_path_factory):
+def round_trip(models_dir, tmp_path_factory):
     """Run the whole round trip once; yields what the tests inspect."""
+    import threading
+
     folder = tmp_path_factory.mktemp("orthanc")
     listener_port = free_port()
     pacs = OrthancServer(folder, listener_port)
-    callback = DefaultStudyCallback(folder / "medsight", model="unused", dest=f"ORTHANC@127.0.0.1:{pacs.dicom_port}", predictor=predictor)
+    ctx = service_context(folder, models_dir, poll_seconds=0.2,
+                          outputs={"dicom_destination": f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "backoff_base_s": 1.0})
+    callback = ServiceStudyCallback(ctx)
     cfg = ListenerConfig(port=listener_port, data_dir=folder / "medsight", allowed_calling_aets=("ORTHANC",), idle_timeout=3.0)
     scp = StorageSCP(cfg, on_study_complete=callback).start()
+    worker = Worker(ctx, name="orthanc-test-worker")
+    threading.Thread(target=worker.run, daemon=True).start()
     try:
         for name in CT_STUDY:  # the hospital's modality stores the study into the PACS
             r = requests.post(f"{pacs.url}/instances", data=(DATA / name).read_bytes(), timeout=60)
@@ -126,10 +134,12 @@ def round_trip(predictor, tmp_path_factory):
         instances = pacs.get(f"/studies/{orthanc_study}/instances")
         files = {i["ID"]: requests.get(f"{pacs.url}/instances/{i['ID']}/file", timeout=30).content for i in instances}
         yield {"pacs": pacs, "study_uid": study_uid, "orthanc_study": orthanc_study, "instances": instances, "files": files,
-               "folder": folder, "scp": scp, "callback": callback}
+               "folder": folder, "scp": scp, "ctx": ctx}
     finally:
+        worker.stop()
         scp.stop()
         pacs.stop()
+        ctx.close()
 
 
 def _datasets(files: dict[str, bytes]) -> list[pydicom.Dataset]:
@@ -138,7 +148,11 @@ def _datasets(files: dict[str, bytes]) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(io.BytesIO(b)) for b in files.values()]
 
 
-def test_orthanc_holds_sr_and_overlays_in_the_source_study(round_trip, predictor) -> None:
+def test_orthanc_holds_sr_and_overlays_in_the_source_study(round_trip) -> None:
+    from sqlalchemy import select
+
+    from medsight.serve.db import Instance, Job, Result
+
     datasets = _datasets(round_trip["files"])
     by_modality: dict[str, list] = {}
     for ds in datasets:
@@ -152,15 +166,19 @@ def test_orthanc_holds_sr_and_overlays_in_the_source_study(round_trip, predictor
     import highdicom as hd
 
     sr = hd.sr.ComprehensiveSR.from_dataset(by_modality["SR"][0])
-    expected = {read(DATA / n).SOPInstanceUID: predictor.predict(str(DATA / n), explain=False) for n in CT_STUDY}
+    ctx = round_trip["ctx"]
+    with ctx.db.session() as s:  # what the service stored and shows the radiologist, per source instance
+        expected = {i.sop_instance_uid: r for r, i in s.execute(select(Result, Instance).join(Instance, Result.instance_id == Instance.id))}
+        deliveries = list(s.execute(select(Job).where(Job.kind == "deliver")).scalars())
+    assert set(expected) == {read(DATA / n).SOPInstanceUID for n in CT_STUDY}
     groups = sr.content.get_image_measurement_groups()
     assert len(groups) == len(CT_STUDY)
     for g in groups:
-        p = expected[g.source_images[0].referenced_sop_instance_uid]
+        r = expected[g.source_images[0].referenced_sop_instance_uid]
         values = {m.name.meaning: m.value for m in g.get_measurements()}
-        for label, prob in p.probabilities.items():
+        for label, prob in r.probabilities.items():
             assert values[f"Probability of {label}"] == pytest.approx(prob, abs=1e-6)
-        assert g.finding_type.meaning == p.label
+        assert g.finding_type.meaning == r.label
     for sc in overlays:
         assert "not for primary diagnosis" in sc.SeriesDescription
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in expected
@@ -168,7 +186,7 @@ def test_orthanc_holds_sr_and_overlays_in_the_source_study(round_trip, predictor
     series = round_trip["pacs"].get(f"/studies/{round_trip['orthanc_study']}/series")
     modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
     assert modalities.count("SR") == 1 and "CT" in modalities
-    assert round_trip["callback"].outbox.pending() == []
+    assert [(j.status, j.payload["channel"]) for j in deliveries] == [("done", "dicom")]
 
 
 def test_dsrdump_reads_the_sr_stored_in_orthanc(round_trip, tmp_path: Path) -> None:
@@ -216,3 +234,31 @@ def test_dicomweb_pull_and_stow_against_orthanc(round_trip, tmp_path: Path) -> N
     assert report.sent == 1 and report.pending == 0
     after = round_trip["pacs"].get(f"/studies/{round_trip['orthanc_study']}/instances")
     assert len(after) == len(round_trip["instances"]) + 1
+
+
+@pytest.mark.skipif(DICOMWEB_PLUGIN is None, reason="orthanc-dicomweb plugin is not installed")
+def test_cli_pull_queues_the_study_in_a_service_without_our_own_results(round_trip, models_dir, tmp_path: Path) -> None:
+    from sqlalchemy import select
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+    from medsight.serve.config import ServiceSettings
+    from medsight.serve.context import ServiceContext
+    from medsight.serve.db import Instance, Study
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"model_paths": [str(models_dir)], "use_zoo": False, "default_models": {"CT": "tiny-xr"}}))
+    url = round_trip["pacs"].url + "/dicom-web"
+    r = CliRunner().invoke(app, ["dicom", "pull", "--url", url, "--study", round_trip["study_uid"], "--out", str(tmp_path / "pulled"),
+                                 "--queue", "--data-dir", str(tmp_path / "svc"), "--settings", str(settings)])
+    assert r.exit_code == 0, r.output
+    assert "queued as study 1 (tiny-xr" in r.output
+    ctx = ServiceContext.build(ServiceSettings(data_dir=tmp_path / "svc", use_zoo=False))
+    try:
+        with ctx.db.session() as s:
+            study = s.execute(select(Study)).scalar_one()
+            n = len(s.execute(select(Instance)).all())
+    finally:
+        ctx.close()
+    # the PACS study also holds MedSight's SR and overlays by now: only the CT images are queued
+    assert (study.study_uid, study.status, n) == (round_trip["study_uid"], "queued", len(CT_STUDY))

@@ -1,5 +1,6 @@
-"""Sending results: C-STORE through the outbox, retry after an outage, permanent refusals kept, never dropped;
-and the default study callback end to end (listener -> Predictor -> SR + SC -> outbox -> a second SCP)."""
+"""Sending DICOM: C-STORE through the outbox, retry after an outage, permanent refusals kept, never dropped.
+
+(The listener -> service -> SR/SC delivery path is tested in test_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from medsight.dicom.listener import ListenerConfig, StorageSCP
-from medsight.dicom.pipeline import DefaultStudyCallback
 from medsight.dicom.sender import DimseDestination, Outbox, StowDestination, parse_destination
 from medsight.errors import DicomSendError
 
@@ -112,42 +112,6 @@ def test_stow_to_an_unreachable_server_stays_pending(tmp_path: Path) -> None:
     box.put_file(DATA / CT_STUDY[0])
     report = box.flush()
     assert report.pending == 1 and report.sent == 0
-
-
-def test_default_callback_analyses_the_study_and_sends_sr_and_overlays(predictor, tmp_path: Path) -> None:
-    from pynetdicom import AE, sop_class
-
-    receiver = pacs(tmp_path)
-    try:
-        callback = DefaultStudyCallback(tmp_path / "gw", model="unused", dest=f"PACS@127.0.0.1:{receiver.port}", predictor=predictor)
-        gateway = StorageSCP(ListenerConfig(port=0, data_dir=tmp_path / "gw", allowed_calling_aets=("MODALITY",), idle_timeout=1.5),
-                             on_study_complete=callback).start()
-        try:
-            ae = AE(ae_title="MODALITY")
-            ae.add_requested_context(sop_class.CTImageStorage)
-            assoc = ae.associate("127.0.0.1", gateway.port, ae_title="MEDSIGHT")
-            for name in CT_STUDY:
-                assert assoc.send_c_store(read(DATA / name)).Status == 0
-            assoc.release()
-            wait_for(lambda: gateway.completed, timeout=300)
-        finally:
-            gateway.stop()
-        results = wait_for(lambda: len(receiver.received()) >= 3 and receiver.received(), timeout=60)
-    finally:
-        receiver.stop()
-    study_uid = read(DATA / CT_STUDY[0]).StudyInstanceUID
-    classes = sorted(str(r.SOPClassUID) for r in results)
-    assert classes == sorted([ComprehensiveSRStorage, SecondaryCaptureImageStorage, SecondaryCaptureImageStorage])
-    assert {r.StudyInstanceUID for r in results} == {study_uid}
-    sr = next(r for r in results if r.SOPClassUID == ComprehensiveSRStorage)
-    refs = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
-    assert refs == {read(DATA / n).SOPInstanceUID for n in CT_STUDY}
-    assert callback.outbox.pending() == []
-    # the results the gateway received back would not be analysed again
-    from medsight.dicom.pipeline import is_own_output
-
-    assert all(is_own_output(r) for r in results)
 
 
 def test_cli_send_and_retry(tmp_path: Path) -> None:

@@ -118,20 +118,6 @@ def service_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     yield url
 
 
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_package: Path) -> Path:
-    """The shared tiny model, re-carded as 'tiny-xr' reading CR/DX/CT/MR (the weights are untouched)."""
-    from medsight.models.package import read_card, write_card
-
-    root = tmp_path_factory.mktemp("models")
-    dest = root / "tiny-xr"
-    shutil.copytree(tiny_package, dest)
-    card = read_card(dest)
-    card.name, card.modality = "tiny-xr", "CR/DX/CT/MR (test phantom)"
-    write_card(card, dest)
-    return root
-
-
 def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -147,3 +147,32 @@ def test_oversize_upload_is_413_and_not_stored(tmp_path: Path, models_dir: Path,
     finally:
         svc.client.close()
         svc.ctx.close()
+
+
+def test_deidentification_on_arrival_stores_only_the_deidentified_copy(tmp_path: Path, models_dir: Path) -> None:
+    from medsight.dicom.deid import new_key_file
+    from tests.serve.conftest import make_service
+
+    key_file = new_key_file(tmp_path / "site.key")
+    svc = make_service(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", models_dir, deid_key_file=key_file)
+    try:
+        original = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        r = svc.upload([("SMITH_JOHN_ct.dcm", dicom_bytes("CT_small.dcm"))])
+        assert r.status_code == 202, r.text
+        with svc.ctx.db.session() as s:
+            study = s.execute(select(Study)).scalar_one()
+            inst = s.execute(select(Instance)).scalar_one()
+        stored = pydicom.dcmread(svc.ctx.store.path_for(inst.file_sha256))
+        assert stored.PatientIdentityRemoved == "YES"
+        assert stored.PatientName != original.PatientName and stored.PatientID != original.PatientID
+        assert study.study_uid == stored.StudyInstanceUID != original.StudyInstanceUID
+        assert "SMITH" not in inst.original_name
+        assert stored.PixelData == original.PixelData
+        # burned-in annotation: refused whole, nothing stored
+        before = counts(svc)
+        r = svc.upload([("b.dcm", dicom_bytes("CT_small.dcm", BurnedInAnnotation="YES", StudyInstanceUID=generate_uid()))])
+        assert r.status_code == 422 and "Burned In Annotation is YES" in r.json()["detail"], r.text
+        assert counts(svc) == before
+    finally:
+        svc.client.close()
+        svc.ctx.close()
