@@ -41,7 +41,11 @@ def audit_actions(ctx) -> list[str]:
         return [a.action for a in s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
 
 
-def test_received_study_is_analysed_by_the_service_and_sr_and_overlays_reach_the_pacs(tmp_path: Path, models_dir: Path) -> None:
+def test_received_study_is_analysed_by_the_service_and_sr_and_overlays_reach_the_pacs(tmp_path: Path, models_dir: Path,
+                                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
     receiver = pacs(tmp_path)
     ctx = service_context(tmp_path, models_dir, outputs={"dicom_destination": f"PACS@127.0.0.1:{receiver.port}"})
     gateway = StorageSCP(ListenerConfig(port=0, data_dir=tmp_path / "inbox", allowed_calling_aets=("MODALITY",), idle_timeout=1.0),
@@ -78,6 +82,11 @@ def test_received_study_is_analysed_by_the_service_and_sr_and_overlays_reach_the
     (deliver,) = jobs(ctx, "deliver")
     assert deliver.status == "done" and deliver.payload["channel"] == "dicom" and len(deliver.payload["blobs"]) == 3
     assert audit_actions(ctx)[-2:] == ["result.create", "deliver.sent"]
+    # nothing identifying in the logs of the whole path (listener, service, worker, sender)
+    original = read(DATA / CT_STUDY[0], stop_before_pixels=True)
+    secrets = [str(original.PatientID), *[p for p in str(original.PatientName).split("^") if len(p) >= 4]]
+    assert secrets and "queued as service study" in caplog.text and "deliver dicom" in caplog.text
+    assert not [s for s in secrets if s in caplog.text]
 
 
 def test_pacs_outage_is_retried_by_the_job_queue_and_nothing_is_dropped(tmp_path: Path, models_dir: Path) -> None:
