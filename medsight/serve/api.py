@@ -366,14 +366,25 @@ def api_router() -> APIRouter:
     @r.get("/api/jobs", tags=["service"], openapi_extra=UPLOADER.openapi)
     def jobs(ctx: Ctx, _p: Annotated[Principal, Depends(UPLOADER)], status: str | None = None,
              limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
-        """Recent background jobs (analysis, notifications) with attempts and errors."""
+        """Recent background jobs (analysis, notifications, result deliveries) with attempts and errors."""
         with ctx.db.session() as s:
             q = select(Job).order_by(Job.id.desc()).limit(limit)
             if status:
                 q = q.where(Job.status == status)
             return [{"id": j.id, "kind": j.kind, "study_id": j.study_id, "status": j.status, "attempts": j.attempts,
+                     "channel": (j.payload or {}).get("channel"),
                      "owner": j.lease_owner, "finished_by": j.finished_by, "last_error": j.last_error,
                      "created_at": j.created_at.isoformat() + "Z"} for j in s.execute(q).scalars()]
+
+    @r.post("/api/jobs/{job_id}/retry", tags=["service"], openapi_extra=ADMIN.openapi)
+    def retry_job(job_id: int, ctx: Ctx, p: Annotated[Principal, Depends(ADMIN)]) -> dict[str, Any]:
+        """Send a failed delivery (PACS, FHIR, HL7, webhook) again, e.g. after its receiver was fixed."""
+        with ctx.db.session() as s:
+            job = ctx.queue.requeue(s, job_id)
+            audit_log.record(s, p.actor, "job.retry", "job", job.id, kind=job.kind, study=job.study_id,
+                             channel=(job.payload or {}).get("channel"))
+            return {"id": job.id, "kind": job.kind, "status": job.status, "attempts": job.attempts,
+                    "max_attempts": job.max_attempts}
 
     # -- users ----------------------------------------------------------------
     @r.get("/api/users", tags=["users"], openapi_extra=ADMIN.openapi)

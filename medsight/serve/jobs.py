@@ -145,6 +145,24 @@ class JobQueue:
             job.last_error, job.lease_token, job.lease_expires_at = error[:4000], None, None
             return job.status
 
+    #: Kinds an administrator may send again after they failed: deliveries, whose
+    #: receiver may be fixed now. A failed analysis means an unusable image; it is re-uploaded instead.
+    RETRYABLE = ("deliver", "notify")
+
+    @classmethod
+    def requeue(cls, session: Session, job_id: int, extra_attempts: int = 3) -> Job:
+        """Queue a failed delivery again now, with ``extra_attempts`` more tries (inside the caller's transaction)."""
+        from medsight.serve.auth import UserError
+
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} not found")
+        if job.kind not in cls.RETRYABLE or job.status != "failed":
+            raise UserError(f"only failed {' / '.join(cls.RETRYABLE)} jobs can be retried; job {job_id} is a {job.status} {job.kind} job")
+        job.status, job.run_after, job.finished_at = "queued", utcnow(), None
+        job.max_attempts = job.attempts + extra_attempts
+        return job
+
     @staticmethod
     def _on_failed(s: Session, job: Job, error: str) -> None:
         if job.kind == "analyse" and job.study_id is not None:

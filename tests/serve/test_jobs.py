@@ -152,3 +152,51 @@ def test_worker_killed_with_sigkill_mid_job_is_finished_exactly_once(svc, shape_
                                                                     AuditEvent.object_id == str(study_id))).scalar_one()
         assert creates == 1
         assert verify(s).ok
+
+
+def test_admin_retries_a_failed_delivery_once_its_receiver_is_fixed(tmp_path: Path, models_dir: Path, shape_pngs) -> None:  # noqa: ANN001
+    """A FHIR server that was down: the delivery gives up after its attempts, the admin re-queues it
+    through the API once the server is back, and it is delivered with the very same bundle."""
+    import socket
+
+    from tests.dicom.test_delivery import FhirServer
+    from tests.serve.conftest import make_service
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    svc = make_service(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", models_dir,
+                       outputs={"fhir_url": f"http://127.0.0.1:{port}/fhir", "max_attempts": 1, "timeout_s": 3.0})
+    try:
+        assert svc.upload([("a.png", shape_pngs["disc"][0])], modality="CR").status_code == 202
+        svc.work()
+        with svc.ctx.db.session() as s:
+            job = s.execute(select(Job).where(Job.kind == "deliver")).scalar_one()
+        assert (job.status, job.attempts) == ("failed", 1)
+        listed = svc.client.get("/api/jobs?status=failed", headers=svc.headers["admin"]).json()
+        assert [(j["kind"], j["channel"]) for j in listed] == [("deliver", "fhir")]
+        assert svc.client.post(f"/api/jobs/{job.id}/retry", headers=svc.headers["radiologist"]).status_code == 403
+        analyse = next(j for j in svc.client.get("/api/jobs", headers=svc.headers["admin"]).json() if j["kind"] == "analyse")
+        r = svc.client.post(f"/api/jobs/{analyse['id']}/retry", headers=svc.headers["admin"])
+        assert r.status_code == 422 and "only failed deliver / notify jobs" in r.json()["detail"]
+        assert svc.client.post("/api/jobs/9999/retry", headers=svc.headers["admin"]).status_code == 404
+        fhir = FhirServer()
+        fhir.server.server_close()
+        from http.server import ThreadingHTTPServer
+
+        fhir.server = ThreadingHTTPServer(("127.0.0.1", port), fhir.server.RequestHandlerClass)
+        threading.Thread(target=fhir.server.serve_forever, daemon=True).start()
+        try:
+            r = svc.client.post(f"/api/jobs/{job.id}/retry", headers=svc.headers["admin"])
+            assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+            svc.work()
+        finally:
+            fhir.stop()
+        with svc.ctx.db.session() as s:
+            job = s.get(Job, job.id)
+            actions = [a.action for a in s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars()]
+        assert (job.status, job.attempts) == ("done", 2) and len(fhir.bundles) == 1
+        assert actions.index("deliver.failed") < actions.index("job.retry") < actions.index("deliver.sent")
+    finally:
+        svc.client.close()
+        svc.ctx.close()
