@@ -15,6 +15,25 @@ Settings: per-channel int8 weights, uint8 activations (the layout ONNX Runtime's
 kernels are fastest with), and ``reduce_range`` (7-bit weights) so the int16
 intermediate sums of CPUs without VNNI cannot saturate: the accuracy measured on one
 machine then holds on every x86 CPU.
+
+What is quantised, and in which format, was chosen by profiling the zoo models with
+ONNX Runtime's profiler (batch 32, 2 threads; docs/performance.md):
+
+* The convolutions, the linear layer, the ReLUs and the residual adds run in int8, so
+  a residual block stays uint8 from end to end (``QLinearConv`` with the ReLU folded
+  into its output range, ``QLinearAdd``). With only Conv/Gemm quantised every
+  activation went uint8 -> float -> uint8 around each ReLU and add.
+* The stem (first convolution, its ReLU and the max pooling) stays fp32. It sees 1 or
+  3 input channels, so its int8 GEMM has K = 25-75 and ran at a few percent of the
+  int8 limit (17-19% of the whole forward pass for 2% of the FLOPs) while ONNX
+  Runtime's fp32 NCHWc convolution does the same work about 4x faster; its output also
+  feeds the OOD statistics, which then stay exact.
+* QOperator format, not QDQ: with an fp32 stem, ONNX Runtime's QDQ propagation moves
+  the first QuantizeLinear above the max pooling and runs it as a uint8 NCHW MaxPool,
+  which took a third of the forward pass; the QOperator graph has no such move and
+  was the fastest of the four combinations measured.
+* The OOD statistics (mean/std subgraph) are not quantised: quantising it changed
+  the OOD referral flag on up to 74% of a test split (``medsight runtime tune``).
 """
 
 from __future__ import annotations
@@ -33,26 +52,35 @@ from medsight.models.card import InputSpec
 from medsight.models.preprocess import batch_to_tensor
 from medsight.runtime.export import INPUT
 
-QUANT_FORMAT = "QDQ"
+QUANT_FORMAT = "QOperator"
 #: bump when the quantisation settings change, so cached int8 files from older settings are not reused
-QUANT_VERSION = 2
-METHOD = ("static QDQ int8 (onnxruntime.quantization.quantize_static) of Conv and Gemm: per-channel int8 weights "
-          "with 7-bit reduce_range, uint8 activations, MinMax calibration")
+QUANT_VERSION = 3
+METHOD = ("static int8, QOperator format (onnxruntime.quantization.quantize_static) of Conv, Gemm, Relu and Add "
+          "after the fp32 stem: per-channel int8 weights with 7-bit reduce_range, uint8 activations, MinMax calibration")
+
+#: Operator types quantised (see the module docstring); the OOD statistics subgraph is left fp32.
+OP_TYPES = ["Conv", "Gemm", "Relu", "Add"]
+#: ONNX node-name scopes of the stem (export.LogitsAndFeatureMap: net.conv1 -> bn1 -> act -> maxpool), kept fp32
+STEM_SCOPES = ("/conv1/", "/bn1/", "/act/", "/maxpool/")
 
 
-#: Only convolutions and the linear layer are quantised. They hold nearly all the FLOPs; the rest
-#: (residual adds, pooling, and the channel statistics the OOD detector scores) stays fp32 on
-#: dequantised activations. Quantising every op also quantised the mean/std subgraph, and the
-#: OOD referral flag then disagreed with PyTorch's on up to 74% of a test split (medsight runtime tune).
-OP_TYPES = ["Conv", "Gemm"]
+def stem_nodes(model_path: Path) -> list[str]:
+    """Names of the stem's nodes in an exported (pre-processed) graph; an error if there are none."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.name.startswith(STEM_SCOPES)]
+    if not any(n.startswith("/conv1/") for n in names):
+        raise BackendError(f"{model_path}: no stem convolution (/conv1/...) in the exported graph; re-export the model")
+    return names
 
 
-def _quant_kwargs() -> dict[str, Any]:
+def _quant_kwargs(model_path: Path) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-    return dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+    return dict(quant_format=QuantFormat.QOperator, per_channel=True, reduce_range=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=OP_TYPES)
+                calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=OP_TYPES,
+                nodes_to_exclude=stem_nodes(model_path))
 
 
 def calibration_sample(ds: LabeledDataset, n: int, seed: int = 0) -> np.ndarray:
@@ -99,7 +127,7 @@ def measure_calibration(fp32_path: Path, ds: LabeledDataset, spec: InputSpec) ->
         t = Path(tmp)
         _preprocess(fp32_path, t / "pre.onnx")
         quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), DatasetCalibrationReader(ds, spec),
-                        calibration_cache_path=str(t / "calibration.json"), **_quant_kwargs())
+                        calibration_cache_path=str(t / "calibration.json"), **_quant_kwargs(t / "pre.onnx"))
         return json.loads((t / "calibration.json").read_text())
 
 
@@ -113,7 +141,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: dict[str, Any]) 
         _preprocess(fp32_path, t / "pre.onnx")
         try:
             quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), None,
-                            calibration_cache_path=str(t / "calibration.json"), **_quant_kwargs())
+                            calibration_cache_path=str(t / "calibration.json"), **_quant_kwargs(t / "pre.onnx"))
         except (KeyError, ValueError) as e:
             raise BackendError(
                 f"stored int8 calibration does not fit the exported graph ({e}); re-run `medsight runtime tune`"

@@ -144,3 +144,17 @@ def test_calibration_reader_uses_the_one_preprocessing(tiny_package, tiny_npz):
     assert [len(b) for b in batches] == [4, 4, 2]
     expected = batch_to_tensor([ds.image(i) for i in range(10)], pkg.card.input).numpy()
     np.testing.assert_array_equal(np.concatenate(batches), expected)
+
+
+def test_int8_graph_keeps_the_stem_fp32_and_residual_blocks_int8(tuned):
+    """The recipe profiled in medsight.runtime.quantize: fp32 stem, then QLinearConv/QLinearAdd, statistics fp32."""
+    import onnx
+
+    d, _, settings, _ = tuned
+    graph = onnx.load(int8_model_path(load_package(d), settings)).graph
+    ops = [(n.op_type, n.name) for n in graph.node]
+    assert [op for op, name in ops if name.startswith("/conv1/")] == ["Conv"]  # the stem convolution stays fp32
+    assert not [name for op, name in ops if op == "Conv" and not name.startswith("/conv1/")]  # every other one is int8
+    assert sum(op == "QLinearConv" for op, _ in ops) >= 8 and any(op == "QLinearAdd" for op, _ in ops)
+    assert not [name for op, name in ops if op == "Add" and name.startswith("/layer")]  # residual adds in int8
+    assert any(op == "ReduceMean" for op, _ in ops)  # the OOD statistics stay fp32
