@@ -68,6 +68,8 @@ def worker_cmd(
     max_jobs: Annotated[Optional[int], typer.Option(min=1, help="exit after this many jobs")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="exit when no job is due")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    parent_pid: Annotated[Optional[int], typer.Option("--parent-pid", hidden=True,
+                                                      help="stop (after the current job) when this process is gone")] = None,
 ) -> None:
     """Run background jobs (analysis, notifications) until stopped (SIGTERM/Ctrl-C finish the current job)."""
     from medsight.serve.worker import Worker
@@ -76,6 +78,8 @@ def worker_cmd(
     ctx = _context(data_dir, settings)
     w = Worker(ctx)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
+    if parent_pid is not None:
+        _stop_with_parent(w, parent_pid)
     err.print(f"worker {w.name} on {ctx.db.dialect} ({ctx.settings.data_dir})", highlight=False)
     try:
         n = w.run(max_jobs=max_jobs, exit_when_idle=exit_when_idle)
@@ -84,6 +88,21 @@ def worker_cmd(
     finally:
         ctx.close()
     err.print(f"worker {w.name}: {n} jobs done", highlight=False)
+
+
+def _stop_with_parent(w, parent_pid: int, period_s: float = 2.0) -> None:  # noqa: ANN001
+    """A worker started by ``medsight serve`` must not outlive it: if serve is killed with SIGKILL its
+    ``finally`` never runs, and the orphan would keep claiming jobs. When the parent is gone we are
+    re-parented, so ``getppid()`` changes; the worker then finishes its current job and exits."""
+    import threading
+
+    def watch() -> None:
+        while not w.stop_event.wait(period_s):
+            if os.getppid() != parent_pid:
+                err.print(f"worker {w.name}: parent process {parent_pid} is gone, stopping", highlight=False)
+                w.stop()
+
+    threading.Thread(target=watch, name="medsight-parent-watch", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- serve
@@ -118,8 +137,8 @@ def serve_cmd(
         except MedSightError as e:
             _fail(e)
     settings_path = ctx.settings.write_json(ctx.settings.data_dir / "settings.json")
-    procs = [subprocess.Popen([sys.executable, "-m", "medsight.cli", "worker", "--settings", str(settings_path)])
-             for _ in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "medsight.cli", "worker", "--settings", str(settings_path),
+                               "--parent-pid", str(os.getpid())]) for _ in range(workers)]
     app = create_app(ctx.settings, ctx=ctx)
     out = Console()
     out.print(f"\nMedSight service: [bold]{ctx.settings.public_url}/[/bold]   (API docs: {ctx.settings.public_url}/docs)")

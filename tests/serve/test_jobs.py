@@ -200,3 +200,36 @@ def test_admin_retries_a_failed_delivery_once_its_receiver_is_fixed(tmp_path: Pa
     finally:
         svc.client.close()
         svc.ctx.close()
+
+
+def test_worker_started_by_serve_stops_when_serve_is_killed(tmp_path: Path) -> None:
+    """SIGKILL skips serve's cleanup; its worker notices it was orphaned and exits by itself."""
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'medsight.cli', 'worker', '--data-dir', sys.argv[1],"
+        " '--parent-pid', str(os.getpid())])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    try:
+        time.sleep(3.0)  # the worker is up and polling
+        assert _alive(worker_pid)
+        parent.kill()
+        parent.wait(timeout=10)
+        end = time.monotonic() + 60
+        while _alive(worker_pid) and time.monotonic() < end:
+            time.sleep(0.5)
+        assert not _alive(worker_pid), "orphaned worker kept running"
+    finally:
+        if _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
