@@ -277,11 +277,12 @@ app.command("deid")(deid_cmd)
 app.add_typer(dicom_app, name="dicom")
 
 
-from medsight.serve.cli import audit_app, db_app, export_reviews_cmd, serve_cmd, users_app, worker_cmd  # noqa: E402  (clinical service)
+from medsight.serve.cli import audit_app, db_app, export_reviews_cmd, serve_cmd, storage_app, users_app, worker_cmd  # noqa: E402  (clinical service)
 app.command("serve")(serve_cmd)
 app.command("worker")(worker_cmd)
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(storage_app, name="storage")
 app.command("export-reviews")(export_reviews_cmd)
 app.add_typer(db_app, name="db")
 

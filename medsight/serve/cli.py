@@ -267,6 +267,52 @@ def audit_verify(
     err.print(f"audit chain intact: {rep.checked} events, head {rep.head}", highlight=False)
 
 
+# --------------------------------------------------------------------------- storage
+storage_app = typer.Typer(help="Stored files: integrity check and clean-up.", no_args_is_help=True)
+
+
+@storage_app.command("verify")
+def storage_verify(data_dir: DataDirOpt = None, settings: SettingsOpt = None) -> None:
+    """Re-hash every stored file the database references; exit 1 if any is missing or altered."""
+    from medsight.serve.maintenance import verify_storage
+
+    ctx = _context(data_dir, settings)
+    try:
+        rep = verify_storage(ctx)
+    finally:
+        ctx.close()
+    print(json.dumps({"checked": rep.checked, "missing": rep.missing, "corrupt": rep.corrupt}, indent=2))
+    if not rep.ok:
+        err.print(f"[red]storage damaged:[/red] {len(rep.missing)} missing, {len(rep.corrupt)} altered", markup=True)
+        raise typer.Exit(1)
+    err.print(f"storage intact: {rep.checked} referenced files", highlight=False)
+
+
+@storage_app.command("gc")
+def storage_gc(
+    data_dir: DataDirOpt = None,
+    settings: SettingsOpt = None,
+    min_age_hours: Annotated[float, typer.Option(min=0.0, help="keep unreferenced files younger than this (uploads in flight)")] = 24.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be removed, remove nothing")] = False,
+) -> None:
+    """Remove stored files no database row references (left by failed transactions), audited."""
+    from medsight.serve.audit import record
+    from medsight.serve.maintenance import collect_garbage
+
+    ctx = _context(data_dir, settings)
+    try:
+        rep = collect_garbage(ctx, min_age_s=min_age_hours * 3600, dry_run=dry_run)
+        if not dry_run:
+            with ctx.db.session() as s:
+                record(s, _cli_actor(), "storage.gc", "storage", None, **rep.to_dict())
+    finally:
+        ctx.close()
+    print(json.dumps(rep.to_dict(), indent=2))
+    verb = "would remove" if dry_run else "removed"
+    err.print(f"{verb} {rep.removed} unreferenced files ({rep.removed_bytes} bytes) and {rep.temp_removed} temporary files; "
+              f"kept {rep.referenced} referenced and {rep.kept_recent} recent", highlight=False)
+
+
 # --------------------------------------------------------------------------- export
 def export_reviews_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for manifest.csv and images/")],
