@@ -10,12 +10,13 @@ test split from the data root; the bundled samples when the data are absent):
 * FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``: convolutions and
   the linear head, 2 FLOPs per multiply-add);
 * this machine's fp32 matmul peak (best of ``torch.mm`` and ONNX Runtime ``MatMul``) and int8 matmul
-  peak (``torch._int_mm``), measured in the same run, hence
+  peak (best of ``torch._int_mm`` and ONNX Runtime ``MatMulInteger``), measured in the same run, hence
   achieved GFLOP/s and the fraction of the FLOP-bound limit;
 * p50/p95 single-image latency (backend forward, and the whole Predictor on a decoded image
   including calibration, decision and heat map);
 * end-to-end latency for one DICOM file (pydicom-data ``RG1_J2KR.dcm``, a 1955x1841
-  JPEG 2000 chest radiograph) -> result + heat-map PNG on disk;
+  JPEG 2000 chest radiograph) -> result + heat-map PNG on disk, with the JPEG 2000 decode
+  time of each pydicom plugin and the overlay's drawing and PNG-encoding times;
 * files -> results throughput with decoding in the caller vs in a worker process
   (``medsight.runtime.pipeline``).
 
@@ -79,6 +80,9 @@ def matmul_peak(threads: int, dtype: str = "fp32", sizes: tuple[int, ...] = (256
         elif dtype == "fp32-ort":
             a, b = np.random.rand(n, n).astype(np.float32), None
             mm = _ort_matmul(n, threads)
+        elif dtype == "int8-ort":
+            a, b = np.random.randint(0, 256, (n, n)).astype(np.uint8), None
+            mm = _ort_matmul(n, threads, integer=True)
         else:
             a, b = torch.randint(-128, 128, (n, n), dtype=torch.int8), torch.randint(-128, 128, (n, n), dtype=torch.int8)
             mm = torch._int_mm
@@ -90,21 +94,29 @@ def matmul_peak(threads: int, dtype: str = "fp32", sizes: tuple[int, ...] = (256
             best = min(best, time.perf_counter() - t)
         per_size[n] = 2 * n**3 / best / 1e9
     top = max(per_size, key=per_size.get)
-    op = {"fp32": "torch.mm", "fp32-ort": "onnxruntime MatMul", "int8": "torch._int_mm"}[dtype]
+    op = {"fp32": "torch.mm", "fp32-ort": "onnxruntime MatMul", "int8": "torch._int_mm", "int8-ort": "onnxruntime MatMulInteger"}[dtype]
     return {"gflops": round(per_size[top], 1), "best_size": top, "per_size": {str(k): round(v, 1) for k, v in per_size.items()},
             "threads": threads, "dtype": dtype, "op": op, "method": f"best of {repeats} {op}(n x n) runs per size, best size"}
 
 
-def _ort_matmul(n: int, threads: int):
-    """An ONNX Runtime session computing A @ B (B a constant), as a callable mm(a, _)."""
+def _ort_matmul(n: int, threads: int, integer: bool = False):
+    """An ONNX Runtime session computing A @ B (B a constant), as a callable mm(a, _).
+
+    ``integer``: uint8 A x int8 B -> int32 (``MatMulInteger``, the u8s8 kernels onnx-int8 runs on).
+    """
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    b = numpy_helper.from_array(np.random.rand(n, n).astype(np.float32), "B")
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], initializer=[b])
+    if integer:
+        b = numpy_helper.from_array(np.random.randint(-128, 128, (n, n)).astype(np.int8), "B")
+        node, a_type, c_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT32
+    else:
+        b = numpy_helper.from_array(np.random.rand(n, n).astype(np.float32), "B")
+        node, a_type, c_type = "MatMul", TensorProto.FLOAT, TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node(node, ["A", "B"], ["C"])], "mm",
+                              [helper.make_tensor_value_info("A", a_type, [n, n])],
+                              [helper.make_tensor_value_info("C", c_type, [n, n])], initializer=[b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -272,25 +284,50 @@ def bench_dicom_e2e(args: argparse.Namespace, settings: RuntimeSettings) -> dict
                                       "label": res.label}
             print(f"  e2e {bname}: {out['backends'][bname]['total']}", flush=True)
         out["png_compress_level"] = png_levels(res, Path(tmp), args.e2e_runs // 4 or 1)
+        out["decode_plugins"] = decode_plugins(dcm, args.e2e_runs // 4 or 1)
     return out
 
 
 def png_levels(res, tmp: Path, runs: int) -> dict[str, dict[str, float]]:
-    """Why save_overlay uses zlib level 1: time and size of the overlay PNG at levels 6 (PIL default) and 1."""
-    from PIL import Image
+    """The overlay's two steps: drawing it (lookup tables + PIL compositing) and encoding the PNG, at
+    PIL's default zlib settings (level 6) and at save_overlay's (level 1, Z_RLE strategy)."""
+    from medsight.explain.overlay import PNG_COMPRESS_LEVEL, PNG_STRATEGY, overlay_image
 
-    from medsight.explain.overlay import overlay_rgb
-
-    rgb = Image.fromarray(overlay_rgb(res.image, res.heatmap))
-    out = {}
-    for level in (6, 1):
+    draw = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        im = overlay_image(res.image, res.heatmap)
+        draw.append(time.perf_counter() - t)
+    out: dict[str, dict[str, float]] = {"draw": {"median_ms": round(statistics.median(draw) * 1000, 1)}}
+    for key, kw in (("6", {"compress_level": 6}), ("1", {"compress_level": PNG_COMPRESS_LEVEL, "compress_type": PNG_STRATEGY})):
         times = []
         for i in range(runs):
             t = time.perf_counter()
-            rgb.save(tmp / f"level{level}_{i}.png", compress_level=level)
+            im.save(tmp / f"level{key}_{i}.png", format="PNG", **kw)
             times.append(time.perf_counter() - t)
-        out[str(level)] = {"median_ms": round(statistics.median(times) * 1000, 1),
-                           "kib": round((tmp / f"level{level}_0.png").stat().st_size / 1024)}
+        out[key] = {"median_ms": round(statistics.median(times) * 1000, 1), "kib": round((tmp / f"level{key}_0.png").stat().st_size / 1024)}
+    return out
+
+
+def decode_plugins(dcm: Path, runs: int) -> dict[str, Any]:
+    """JPEG 2000 decode time of each installed pydicom plugin on the file (median of ``runs``), and the one
+    medsight.io.dicom tries first."""
+    import pydicom
+    from pydicom.pixels import get_decoder
+
+    from medsight.io.dicom import PREFERRED_PLUGIN
+
+    ds = pydicom.dcmread(dcm)
+    ts = ds.file_meta.TransferSyntaxUID
+    decoder = get_decoder(ts)
+    out: dict[str, Any] = {"preferred": PREFERRED_PLUGIN.get(ts), "OPJ_NUM_THREADS": os.environ.get("OPJ_NUM_THREADS"), "median_ms": {}}
+    for plugin in decoder.available_plugins:
+        times = []
+        for _ in range(runs + 1):
+            t = time.perf_counter()
+            decoder.as_array(ds, decoding_plugin=plugin)
+            times.append(time.perf_counter() - t)
+        out["median_ms"][plugin] = round(statistics.median(times[1:]) * 1000, 1)
     return out
 
 
@@ -352,7 +389,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}. Run: `{res['command']}` ({res['seconds']:.0f} s).", "",
         f"**FLOP-bound limits, measured in the same run: fp32 {res['matmul_peak']['gflops']} GFLOP/s** "
         f"({res['matmul_peak']['op']} {res['matmul_peak']['best_size']}^2, the faster of torch.mm and ONNX Runtime MatMul), **int8 {res['int8_matmul_peak']['gflops']} GOP/s** "
-        f"(torch._int_mm {res['int8_matmul_peak']['best_size']}^2; the limit for onnx-int8). "
+        f"({res['int8_matmul_peak']['op']} {res['int8_matmul_peak']['best_size']}^2, the faster of torch._int_mm and ONNX Runtime MatMulInteger; the limit for onnx-int8). "
         "FLOPs per image count convolutions and the linear layer (2 per multiply-add); "
         "'% of limit' = achieved GFLOP/s at the best batch size / the limit of the backend's arithmetic.", "",
         "## Images/s by backend and batch size (median of timed repeats)", "",
@@ -397,8 +434,12 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {b} | {v['total']['p50_ms']} | {v['total']['p95_ms']} | {md['read']} | {md['predict']} | {md['png']} |")
     if "png_compress_level" in e:
         lv = e["png_compress_level"]
-        lines += ["", f"Overlay PNG at zlib level 6 (PIL default): {lv['6']['median_ms']} ms, {lv['6']['kib']} KiB; "
-                  f"at level 1 (what save_overlay uses): {lv['1']['median_ms']} ms, {lv['1']['kib']} KiB."]
+        lines += ["", f"Overlay: drawing {lv['draw']['median_ms']} ms; PNG at zlib level 6 (PIL default): {lv['6']['median_ms']} ms, "
+                  f"{lv['6']['kib']} KiB; at level 1 with Z_RLE (what save_overlay uses): {lv['1']['median_ms']} ms, {lv['1']['kib']} KiB."]
+    if "decode_plugins" in e:
+        dp = e["decode_plugins"]
+        lines += ["", f"JPEG 2000 decode of the file by each pydicom plugin (median ms; OPJ_NUM_THREADS={dp['OPJ_NUM_THREADS']}, "
+                  f"medsight tries {dp['preferred']} first): " + ", ".join(f"{k} {v}" for k, v in dp["median_ms"].items()) + "."]
     p = res["decode_overlap"]
     lines += ["", "## Files -> results: decoding overlapped with inference (`medsight.runtime.pipeline`)", ""]
     if "skipped" in p:
@@ -442,7 +483,7 @@ def main() -> None:
     load_start = round(os.getloadavg()[0], 2)
     # The fp32 limit is the best GEMM either library reaches (oneDNN via torch, MLAS via ONNX Runtime).
     peak = max((matmul_peak(args.threads, "fp32"), matmul_peak(args.threads, "fp32-ort")), key=lambda p: p["gflops"])
-    peak8 = matmul_peak(args.threads, "int8")
+    peak8 = max((matmul_peak(args.threads, "int8"), matmul_peak(args.threads, "int8-ort")), key=lambda p: p["gflops"])
     print(f"matmul peak fp32 {peak['gflops']} GFLOP/s ({peak['op']}), int8 {peak8['gflops']} GOP/s", flush=True)
     names = [n for n in args.models.split(",") if n] or [c.name for c in list_cards()]
     models = [bench_model(n, args, settings, {"fp32": peak["gflops"], "int8": peak8["gflops"]}) for n in names]
