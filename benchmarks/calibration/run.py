@@ -137,7 +137,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Every method is fitted on the model's val split only; the test split is used to measure. Target: ECE <= {TARGET}.", "",
         "## The method chosen by cross-validation on val (what `medsight calibrate` does by default)", "",
         "| model | n val / test | ECE before (T=1) | ECE in the card | chosen on val (5-fold CV ECE) | test ECE after | "
-        "+ EM priors on unlabelled test, cross-fitted | noise floor* | target met |",
+        "+ EM priors on unlabelled test, cross-fitted | noise floor* | target met by the CV choice |",
         "|---|---|---|---|---|---|---|---:|:---:|",
     ]
     for r in results:
@@ -147,7 +147,7 @@ def markdown(results: list[dict], meta: dict) -> str:
                      f"{a['method']} ({cv:.3f}) | {fmt(a)} | {fmt(r['auto_em'])} | {r['noise_floor_test']:.3f} | "
                      f"{'yes' if r['meets_target'] else 'no'} |")
     lines += ["", "## Test ECE of every method fitted on val (for comparison; not a selection)", "",
-              "| model | " + " | ".join(list(METHODS) + ["matrix**"]) + " | test accuracy (T=1 / isotonic) |",
+              "| model | " + " | ".join(list(METHODS) + ["matrix**"]) + " | argmax test accuracy (T=1 / isotonic) |",
               "|---|" + "---|" * (len(METHODS) + 1) + "---|"]
     for r in results:
         mm = r["methods"]

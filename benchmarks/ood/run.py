@@ -2,10 +2,13 @@
 
 For each finished zoo model:
 
-1. fit the feature-statistics detector (``medsight.predict.ood.fit_ood``) on its train split,
-   threshold on its val split (at most 1% of val flagged), and store it in the zoo
-   package (``ood.safetensors`` + the card's ``ood`` field only; ``--no-write`` fits into
-   a temporary copy instead);
+1. fit each detector design (``VARIANTS``: the network's layer statistics alone, or with
+   the image-level statistics too) on its train split, threshold on its val split (at
+   most 1% of val flagged), and score its test split and the other data sets;
+   **held-out protocol** (leave one imaging modality out): for each far-OOD modality,
+   the design is chosen on the other far-OOD modalities and scored on the held-out one;
+   the package gets the design chosen on all modalities (``fit_ood``: ``ood.safetensors``
+   + the card's ``ood`` field only; ``--no-write`` fits into a temporary copy instead);
 2. score its official test split (in-distribution) and up to ``--per-set`` images of
    every OTHER data set in shared/data. Sets of another imaging family (dermoscopy vs
    chest X-ray, ...) are far-OOD: target AUROC >= 0.99 with <= 2% of in-distribution
@@ -39,17 +42,29 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from medsight import __version__  # noqa: E402
-from medsight.evaluate.calibration import probabilities  # noqa: E402
 from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.curves import risk_coverage  # noqa: E402
 from medsight.evaluate.gallery import decisions  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from medsight.evaluate.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
-from medsight.predict.ood import dataset_statistics, fit_ood  # noqa: E402
+from medsight.predict.ood import BLOCKS, LAYERS, dataset_statistics, fit_detector, fit_ood  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
 
 TARGET_AUROC, TARGET_FLAG = 0.99, 0.02
+
+
+#: detector designs compared (in order of simplicity; a tie goes to the earlier one)
+VARIANTS = {"network": LAYERS, "network+image": BLOCKS}
+
+
+def auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out]))
+
+
+def choose_variant(aurocs: dict[str, dict[str, float]], families: list[str]) -> str:
+    """The design with the highest lowest AUROC over ``families`` (ties: the simpler design)."""
+    return max(VARIANTS, key=lambda v: (round(min(aurocs[v][f] for f in families), 4), -list(VARIANTS).index(v)))
 
 
 def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
@@ -65,33 +80,53 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
         shutil.copytree(m.directory, target)
     try:
         t = time.time()
-        info = fit_ood(target, splits["train"], splits["val"])
+        pkg0 = load_package(target)
+        stats = {s: dataset_statistics(pkg0, splits[s]) for s in ("train", "val", "test")}
+        own_family = DATA_SETS[m.source]
+        others = {src: dataset_statistics(pkg0, sample_of(src, data_root, per_set))[0] for src in DATA_SETS if src != m.source}
+        far_families = sorted({DATA_SETS[s] for s in others} - {own_family})
+        ytr = _targets(splits["train"])[stats["train"][1]]
+        # every design fitted on train, standardised and thresholded on val, scored on test and every other set
+        per_variant = {}
+        for name, blocks in VARIANTS.items():
+            det, _ = fit_detector(stats["train"][0], ytr, stats["val"][0], blocks=blocks)
+            s_in = det.score_statistics(stats["test"][0])
+            sets = {}
+            for src, st in others.items():
+                s_out = det.score_statistics(st)
+                sets[src] = {"family": DATA_SETS[src], "kind": "near-OOD (same imaging family)" if DATA_SETS[src] == own_family else "far-OOD",
+                             "n": int(len(s_out)), "auroc": auroc(s_in, s_out), "flagged": float(det.flags(s_out).mean()),
+                             "median_score": float(np.median(s_out))}
+            # a modality's AUROC is its worst data set's (the target is per set, so this is the conservative figure)
+            fam = {f: min(sets[s]["auroc"] for s in others if DATA_SETS[s] == f) for f in far_families}
+            per_variant[name] = {"blocks": list(det.blocks), "id_flagged": float(det.flags(s_in).mean()), "sets": sets,
+                                 "family_auroc": fam, "min_far_auroc": min(fam.values())}
+        fam_auc = {v: per_variant[v]["family_auroc"] for v in VARIANTS}
+        # leave-one-modality-out: the design is chosen on the other far-OOD modalities, scored on the held-out one
+        held_out = {}
+        for f in far_families:
+            v = choose_variant(fam_auc, [g for g in far_families if g != f])
+            held_out[f] = {"chosen": v, "auroc": fam_auc[v][f], "id_flagged": per_variant[v]["id_flagged"]}
+        ho_min = min(h["auroc"] for h in held_out.values())
+        ho_flag = max(h["id_flagged"] for h in held_out.values())
+        shipped = choose_variant(fam_auc, far_families)  # the design the package carries: chosen on all modalities
+        selection = {"rule": "highest lowest far-OOD AUROC over the other data sets' imaging families "
+                             f"(benchmarks/ood, leave-one-modality-out report); candidates {list(VARIANTS)}",
+                     "chosen": shipped, "min_far_auroc_by_design": {v: per_variant[v]["min_far_auroc"] for v in VARIANTS}}
+        info = fit_ood(target, splits["train"], splits["val"], blocks=VARIANTS[shipped], selection=selection)
         fit_s = time.time() - t
         pkg = load_package(target)
         pred = Predictor(pkg)  # the deployed path: its own detector, preprocessing and calibration
         det = pred.ood
         test = collect_outputs(pred, splits["test"])
         s_in = test.ood_scores
-        own_family = DATA_SETS[m.source]
-        sets, far_scores = {}, []
-        for source, family in DATA_SETS.items():
-            if source == m.source:
-                continue
-            stats, _ = dataset_statistics(pkg, sample_of(source, data_root, per_set))
-            s_out = det.score_statistics(stats)
-            auroc = roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
-            kind = "near-OOD (same imaging family)" if family == own_family else "far-OOD"
-            sets[source] = {"family": family, "kind": kind, "n": int(len(s_out)), "auroc": float(auroc),
-                            "flagged": float(det.flags(s_out).mean()), "median_score": float(np.median(s_out))}
-            if kind == "far-OOD":
-                far_scores.append(s_out)
+        # the package's detector gives the deployed path's scores; the benchmark's own fit must agree with it
+        check = fit_detector(stats["train"][0], ytr, stats["val"][0], blocks=VARIANTS[shipped])[0].score_statistics(stats["test"][0])
+        assert np.allclose(check, s_in, rtol=1e-4, atol=1e-4), "deployed OOD scores differ from the benchmark's fit"
+        sets = per_variant[shipped]["sets"]
         far = [k for k, v in sets.items() if v["kind"] == "far-OOD"]
-        pooled = None
-        if far_scores:
-            f = np.concatenate(far_scores)
-            pooled = float(roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(f))], np.r_[s_in, f]))
         # selective prediction on the in-distribution test split
-        probs = probabilities(test.logits, pkg.card.calibration.temperature)
+        probs = pred.calibrate(test.logits)
         y = splits["test"].y[test.index].astype(int)
         dec = decisions(pkg.card, probs)
         conf = probs[np.arange(len(y)), dec]
@@ -101,18 +136,25 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
         policy = {"refer_below": pkg.card.confidence.refer_below, "coverage": float(answered.mean()),
                   "error_rate_answered": float(1 - correct[answered].mean()) if answered.any() else None,
                   "error_rate_all": float(1 - correct.mean())}
+        id_flag = float(det.flags(s_in).mean())
         return {
             "model": f"{m.card.name}@{m.card.version}", "source": m.source, "family": own_family,
-            "written_to_zoo": write, "fit_seconds": fit_s, "ood": info,
-            "in_distribution": {"n": int(len(s_in)), "flagged": float(det.flags(s_in).mean()), "median_score": float(np.median(s_in))},
-            "sets": sets, "far_ood_pooled_auroc": pooled,
+            "written_to_zoo": write, "fit_seconds": fit_s, "ood": info, "shipped_design": shipped,
+            "in_distribution": {"n": int(len(s_in)), "flagged": id_flag, "median_score": float(np.median(s_in))},
+            "sets": sets, "designs": per_variant, "held_out": held_out,
+            "held_out_min_far_auroc": ho_min, "held_out_worst_id_flagged": ho_flag,
             "far_ood_min_auroc": min((sets[k]["auroc"] for k in far), default=None),
-            "meets_target": bool(far and min(sets[k]["auroc"] for k in far) >= TARGET_AUROC and det.flags(s_in).mean() <= TARGET_FLAG),
+            "meets_target_held_out": bool(ho_min >= TARGET_AUROC and ho_flag <= TARGET_FLAG),
+            "meets_target": bool(far and min(sets[k]["auroc"] for k in far) >= TARGET_AUROC and id_flag <= TARGET_FLAG),
             "risk_coverage": rc, "deployed_policy": policy,
         }
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _targets(ds) -> np.ndarray:
+    return np.zeros(len(ds), dtype=int) if ds.multilabel else np.asarray(ds.y).astype(int)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -134,22 +176,44 @@ def plot(results: list[dict], path: Path) -> None:
 
 def markdown(results: list[dict], meta: dict) -> str:
     sources = list(DATA_SETS)
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     lines = [
-        "# OOD benchmark: feature-statistics detector (Mahalanobis + nearest neighbours on early-layer statistics)", "",
+        "# OOD benchmark: feature-statistics detector (network layers, optionally image-level statistics)", "",
         f"Run {meta['date']} with MedSight {meta['medsight_version']} in {meta['seconds']:.0f} s; up to {meta['per_set']} images per "
-        f"other data set (seeded). Detector fitted on each model's train split, threshold on its val split (<= 1% flagged). "
+        f"other data set (seeded). Every design is fitted on the model's train split and thresholded on its val split "
+        f"(<= 1% of val flagged); AUROC: in-distribution test split vs the other data sets. "
         f"Target: far-OOD AUROC >= {TARGET_AUROC} with <= {100 * TARGET_FLAG:.0f}% of in-distribution test images flagged.", "",
-        "## AUROC (in-distribution test split vs each other data set) and share flagged at the stored threshold", "",
-        "| model (own data) | ID test flagged | " + " | ".join(sources) + " | far-OOD min AUROC | target met |",
-        "|---|---:|" + "---|" * len(sources) + "---:|:---:|",
+        f"Designs: {', '.join(f'`{k}` = {list(v)}' for k, v in VARIANTS.items())}.", "",
+        "## Held-out protocol (leave one imaging modality out)", "",
+        "For each far-OOD modality in turn, the design is chosen on the *other* far-OOD modalities only (highest lowest AUROC) "
+        "and scored on the held-out one, so no reported AUROC was used to choose the design that produced it. "
+        "A modality's AUROC is that of its worst data set. "
+        "The ID flag rate is that of the design chosen (worst over the held-out rounds).", "",
+        "| model | held-out min far-OOD AUROC (modality) | ID test flagged | per held-out modality: design chosen without it -> AUROC | target met |",
+        "|---|---|---:|---|:---:|",
     ]
+    for r in results:
+        ho = r["held_out"]
+        worst = min(ho, key=lambda f: ho[f]["auroc"])
+        cells = "; ".join(f"{f}: {h['chosen']} -> {h['auroc']:.4f}" for f, h in ho.items())
+        lines.append(f"| {r['model']} | {r['held_out_min_far_auroc']:.4f} ({worst}) | {pct(r['held_out_worst_id_flagged'])} | {cells} | "
+                     f"{'yes' if r['meets_target_held_out'] else 'no'} |")
+    lines += ["", "## Designs compared (lowest far-OOD AUROC over modalities; ID test flagged)", "",
+              "| model | " + " | ".join(VARIANTS) + " | shipped (chosen on all modalities) |", "|---|" + "---|" * len(VARIANTS) + "---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['designs'][v]['min_far_auroc']:.4f} / {pct(r['designs'][v]['id_flagged'])}"
+                                                     for v in VARIANTS) + f" | {r['shipped_design']} |")
+    lines += ["", "## The shipped detector: AUROC / share flagged per data set", "",
+              "Not held out: the shipped design was chosen on these sets (the held-out table above is the unbiased figure).", "",
+              "| model (own data) | ID test flagged | " + " | ".join(sources) + " | far-OOD min AUROC |",
+              "|---|---:|" + "---|" * len(sources) + "---:|"]
     for r in results:
         cells = []
         for s in sources:
             v = r["sets"].get(s)
             cells.append("(own data)" if v is None else f"{v['auroc']:.3f} / {100 * v['flagged']:.0f}%" + (" (near)" if v["kind"] != "far-OOD" else ""))
-        lines.append(f"| {r['model']} ({r['source']}) | {100 * r['in_distribution']['flagged']:.1f}% | " + " | ".join(cells)
-                     + f" | {r['far_ood_min_auroc']:.4f} | {'yes' if r['meets_target'] else 'no'} |")
+        lines.append(f"| {r['model']} ({r['source']}) | {pct(r['in_distribution']['flagged'])} | " + " | ".join(cells)
+                     + f" | {r['far_ood_min_auroc']:.4f} |")
     lines += ["", "Cells: AUROC / share of that set flagged. (near) = same imaging family; not held to the target "
               "(the breast ultrasound sets even share source images).", "",
               "## Selective prediction on the test split", "",
@@ -180,7 +244,8 @@ def main() -> None:
         t = time.time()
         r = run_model(m, args.data_root, args.per_set, write=not args.no_write)
         results.append(r)
-        print(f"{r['model']}: ID flagged {100 * r['in_distribution']['flagged']:.1f}%, far-OOD min AUROC {r['far_ood_min_auroc']:.4f}, "
+        print(f"{r['model']}: shipped {r['shipped_design']}, ID flagged {100 * r['in_distribution']['flagged']:.1f}%, "
+              f"held-out min far AUROC {r['held_out_min_far_auroc']:.4f} (ID flag {100 * r['held_out_worst_id_flagged']:.1f}%), "
               + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in r["sets"].items()) + f" [{time.time() - t:.0f} s]", flush=True)
     meta = {"date": str(date.today()), "medsight_version": __version__, "seconds": time.time() - t0, "per_set": args.per_set,
             "target_auroc": TARGET_AUROC, "target_id_flag_rate": TARGET_FLAG, "data_root": str(args.data_root)}

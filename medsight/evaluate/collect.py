@@ -1,9 +1,10 @@
 """Run a model over a labelled data set once and keep everything a report needs.
 
-Logits come from :meth:`Predictor.logits` on :func:`batch_to_tensor` input (the one
-inference and preprocessing path); OOD scores from the predictor's own detector.
+Logits come from :meth:`Predictor.forward` on :func:`batch_to_tensor` input (the one
+inference and preprocessing path); OOD scores from :meth:`Predictor.ood_scores` on the
+same forward pass.
 Raw logits are kept (not only calibrated probabilities) so calibration can be
-shown before (T = 1) and after (the card's T) without a second pass.
+shown before (T = 1) and after (the card's calibration) without a second pass.
 Unreadable images are skipped and listed, so one bad file does not sink a
 validation of thousands.
 """
@@ -43,10 +44,11 @@ def collect_outputs(predictor: Predictor, ds: LabeledDataset, batch_size: int = 
                 errors.append({"source": str(ds.meta["source"].iloc[i]) if "source" in ds.meta else str(i), "error": str(e)})
         if not images:
             continue
-        x = batch_to_tensor(images, predictor.card.input)
-        logits.append(predictor.logits(x))
-        if predictor.ood is not None:
-            ood.append(predictor.ood.score(predictor.network, x))
+        out = predictor.forward(batch_to_tensor(images, predictor.card.input))
+        logits.append(out.logits)
+        scores = predictor.ood_scores(out, images)  # the Predictor's own scoring of the same forward pass
+        if scores is not None:
+            ood.append(scores)
         intensity.extend(float(im.pixels.mean()) for im in images)
         keep.extend(idx)
     if not keep:

@@ -19,7 +19,20 @@ Lee et al., NeurIPS 2018, multi-layer variant) and scores each block twice:
 * cosine distance to the k-th nearest training image (Sun et al., ICML 2022,
   "deep nearest neighbours"), via scikit-learn's ``NearestNeighbors``.
 
-Each of the six scores is standardised by its mean and standard deviation on the
+Optionally (``blocks`` including ``"image"``) the image itself is described too,
+independently of the network: how coloured it is (mean over pixels of the largest
+channel difference; 0 for a grey image) and its grey-level distribution (mean,
+standard deviation and an 8-bin histogram of the [0, 1] intensities). Colour is the
+clearest difference between dermoscopy photos and radiology, and it is lost once a
+grey model's preprocessing converts the image to one channel, so no network layer
+can see it. The image's size and aspect ratio are deliberately left out: they are
+artefacts of how a public data set was prepared (MedMNIST is 28 x 28 and square),
+and a real DICOM of the right modality would be flagged for them. This block is
+scored like a layer, with one pooled mean (image statistics do not depend on the
+class). Which blocks a zoo model uses is chosen by ``benchmarks/ood`` with
+leave-one-modality-out selection (never on the modality it is scored on).
+
+Each block's scores are standardised by their mean and standard deviation on the
 validation split, and the OOD score is their sum. The two scores fail on
 different data (Mahalanobis misses skin photos seen by a chest X-ray model,
 nearest neighbours miss grey images seen by the colour dermoscopy model), so the
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -54,13 +68,21 @@ from sklearn.neighbors import NearestNeighbors
 from medsight._version import __version__
 from medsight.errors import DataSetError, ImageReadError, ModelCardError, ModelIntegrityError
 from medsight.io.datasets import LabeledDataset
+from medsight.io.image import MedImage
 from medsight.models.networks import Classifier
 from medsight.models.package import ModelPackage, load_package, read_card, sha256_of, write_card
 from medsight.models.preprocess import batch_to_tensor
 
 OOD_FILE = "ood.safetensors"
 METHOD = "feature-statistics"
+#: network blocks whose channel statistics every backend returns (medsight.runtime.export.STAT_LAYERS)
 LAYERS = ("stem", "layer1", "layer2")
+#: the image-level block: colour and grey-level statistics of the image itself
+IMAGE = "image"
+BLOCKS = (*LAYERS, IMAGE)
+IMAGE_FEATURES = ("colourfulness", "grey_mean", "grey_std", *(f"grey_hist_{i}" for i in range(8)))
+#: an image is subsampled to at most this many pixels per side for its statistics (bounded cost for a 4k radiograph)
+IMAGE_STAT_SIDE = 256
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_VAL_FLAG_RATE = 0.01
 DEFAULT_K = 10
@@ -91,8 +113,26 @@ def _channels(network: Classifier) -> tuple[int, int, int]:
     return n.conv1.out_channels, n.layer1[-1].conv2.out_channels, n.layer2[-1].conv2.out_channels
 
 
+def image_statistics(images: Sequence[MedImage]) -> np.ndarray:
+    """(N, 11) image-level statistics, in :data:`IMAGE_FEATURES` order, from the images' own pixels.
+
+    Computed on a strided subsample (at most :data:`IMAGE_STAT_SIDE` pixels per side), so
+    they do not depend on the image's resolution and stay cheap for large images.
+    """
+    out = np.zeros((len(images), len(IMAGE_FEATURES)))
+    for i, im in enumerate(images):
+        px = im.pixels
+        step = max(1, int(np.ceil(max(px.shape[:2]) / IMAGE_STAT_SIDE)))
+        px = np.clip(px[::step, ::step].astype(np.float64), 0.0, 1.0)
+        grey = px.mean(axis=2)
+        colour = float((px.max(axis=2) - px.min(axis=2)).mean()) if px.shape[2] == 3 else 0.0
+        hist = np.histogram(grey, bins=8, range=(0.0, 1.0))[0] / grey.size
+        out[i] = np.r_[colour, grey.mean(), grey.std(), hist]
+    return out
+
+
 def dataset_statistics(package: ModelPackage, ds: LabeledDataset, batch_size: int = 128) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Layer statistics of every readable image of ``ds`` and the indices that were readable.
+    """Statistics of every block (:data:`BLOCKS`) of every readable image of ``ds`` and the indices that were readable.
 
     Images are read batch by batch through the one preprocessing path; unreadable
     images are skipped, not fatal.
@@ -108,11 +148,13 @@ def dataset_statistics(package: ModelPackage, ds: LabeledDataset, batch_size: in
             except ImageReadError:
                 continue
         if images:
-            parts.append(layer_statistics(package.network, batch_to_tensor(images, package.card.input)))
+            stats = layer_statistics(package.network, batch_to_tensor(images, package.card.input))
+            stats[IMAGE] = image_statistics(images)
+            parts.append(stats)
             keep.extend(idx)
     if not keep:
         raise DataSetError(f"{ds.name}: no readable images")
-    return {k: np.concatenate([p[k] for p in parts]) for k in LAYERS}, np.asarray(keep, dtype=int)
+    return {k: np.concatenate([p[k] for p in parts]) for k in BLOCKS}, np.asarray(keep, dtype=int)
 
 
 # -- the two scores of one layer ----------------------------------------------------------
@@ -158,22 +200,39 @@ class LayerScorer:
 
 @dataclass
 class OODDetector:
-    layers: dict[str, LayerScorer]
+    layers: dict[str, LayerScorer]  # one scorer per block, in ``blocks`` order
     z_mean: np.ndarray  # (L, 2) validation mean of each raw score
     z_std: np.ndarray  # (L, 2)
     threshold: float
+    blocks: tuple[str, ...] = LAYERS
+
+    @property
+    def uses_images(self) -> bool:
+        """True when the score also needs the images themselves (the image-level block)."""
+        return IMAGE in self.blocks
+
+    def inputs(self, statistics: dict[str, np.ndarray], images: Sequence[MedImage] | None = None) -> dict[str, np.ndarray]:
+        """The detector's input: a backend's layer statistics plus, if this detector uses it, the image block."""
+        if not self.uses_images:
+            return statistics
+        if images is None:
+            raise ValueError("this OOD detector also scores image-level statistics; pass the images")
+        return {**statistics, IMAGE: image_statistics(images)}
 
     def components(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         """(N, L, 2) standardised scores (what the total is summed from)."""
-        raw = np.stack([self.layers[name].raw(stats[name]) for name in LAYERS], axis=1)
+        missing = [b for b in self.blocks if b not in stats]
+        if missing:
+            raise ValueError(f"OOD statistics lack block(s) {missing}; build them with OODDetector.inputs(statistics, images)")
+        raw = np.stack([self.layers[name].raw(stats[name]) for name in self.blocks], axis=1)
         return (raw - self.z_mean[None]) / self.z_std[None]
 
     def score_statistics(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         return self.components(stats).sum(axis=(1, 2))
 
-    def score(self, network: Classifier, x: torch.Tensor) -> np.ndarray:
-        """OOD scores for a preprocessed batch (higher = less like the training data)."""
-        return self.score_statistics(layer_statistics(network, x))
+    def score(self, network: Classifier, x: torch.Tensor, images: Sequence[MedImage] | None = None) -> np.ndarray:
+        """OOD scores for a preprocessed batch (higher = less like the training data); ``images`` as ``inputs``."""
+        return self.score_statistics(self.inputs(layer_statistics(network, x), images))
 
     def flags(self, scores: np.ndarray | float) -> np.ndarray:
         return np.asarray(scores) > self.threshold
@@ -195,20 +254,31 @@ def threshold_for_flag_rate(scores: np.ndarray, rate: float) -> float:
     return float(s[s.size - 1 - k])
 
 
+def _check_blocks(blocks: Sequence[str]) -> tuple[str, ...]:
+    blocks = tuple(blocks)
+    bad = [b for b in blocks if b not in BLOCKS]
+    if bad or not blocks or len(set(blocks)) != len(blocks):
+        raise ValueError(f"OOD blocks must be distinct names from {BLOCKS}, got {list(blocks)}")
+    return tuple(b for b in BLOCKS if b in blocks)  # canonical order
+
+
 def fit_detector(
     train: dict[str, np.ndarray], y: np.ndarray, val: dict[str, np.ndarray], val_flag_rate: float = DEFAULT_VAL_FLAG_RATE,
-    k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0,
+    k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0, blocks: Sequence[str] = LAYERS,
 ) -> tuple[OODDetector, np.ndarray]:
     """Fit on training statistics, standardise and threshold on validation statistics; returns (detector, val scores)."""
+    blocks = _check_blocks(blocks)
     if len(y) < 2:
         raise DataSetError("fitting an OOD detector needs at least two training images")
-    if len(val[LAYERS[0]]) < 2:
+    if len(val[blocks[0]]) < 2:
         raise DataSetError("choosing an OOD threshold needs at least two validation images")
     rng = np.random.default_rng(seed)
-    layers = {name: LayerScorer.fit(train[name], y, k, bank_size, rng) for name in LAYERS}
-    raw = np.stack([layers[name].raw(val[name]) for name in LAYERS], axis=1)
+    y = np.asarray(y)
+    # image statistics do not depend on the class: one pooled mean
+    layers = {name: LayerScorer.fit(train[name], np.zeros_like(y) if name == IMAGE else y, k, bank_size, rng) for name in blocks}
+    raw = np.stack([layers[name].raw(val[name]) for name in blocks], axis=1)
     std = raw.std(axis=0)
-    det = OODDetector(layers, raw.mean(axis=0), np.where(std > 0, std, 1.0), threshold=0.0)
+    det = OODDetector(layers, raw.mean(axis=0), np.where(std > 0, std, 1.0), threshold=0.0, blocks=blocks)
     val_scores = det.score_statistics(val)
     det.threshold = threshold_for_flag_rate(val_scores, val_flag_rate)
     return det, val_scores
@@ -223,6 +293,7 @@ def _class_targets(ds: LabeledDataset) -> np.ndarray:
 def fit_ood(
     package_dir: str | Path, train_ds: LabeledDataset, val_ds: LabeledDataset | None = None,
     val_flag_rate: float = DEFAULT_VAL_FLAG_RATE, k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0,
+    blocks: Sequence[str] = LAYERS, selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit the detector on ``train_ds``, standardise/threshold on ``val_ds``, store it in the package.
 
@@ -231,7 +302,9 @@ def fit_ood(
     edits of other fields survive). Without ``val_ds`` a seeded 20% of the training
     images is held out of the fit for the standardisation and threshold; that is
     weaker, because the network has seen those images, so pass a validation split
-    when there is one. Returns the new ``card.ood`` dict.
+    when there is one. ``blocks``: which statistics are scored (:data:`BLOCKS`; adding
+    ``"image"`` makes the score use the images too); ``selection``: how they were
+    chosen, recorded in the card. Returns the new ``card.ood`` dict.
     """
     d = Path(package_dir)
     pkg = load_package(d)
@@ -246,7 +319,7 @@ def fit_ood(
     else:
         train_stats, (val_stats, _) = stats, dataset_statistics(pkg, val_ds)
         threshold_set = val_ds.name
-    det, val_scores = fit_detector(train_stats, y, val_stats, val_flag_rate, k, bank_size, seed)
+    det, val_scores = fit_detector(train_stats, y, val_stats, val_flag_rate, k, bank_size, seed, blocks)
     ood_path = d / OOD_FILE
     _atomic_save(_to_arrays(det), ood_path)
     info = {
@@ -254,12 +327,14 @@ def fit_ood(
         "file": OOD_FILE,
         "sha256": sha256_of(ood_path),
         "threshold": det.threshold,
-        "layers": list(LAYERS),
-        "features": "per-channel mean and std of the stem, layer1 and layer2 activations",
-        "scores": "per layer: squared Mahalanobis distance to the nearest class mean (shared Ledoit-Wolf covariance) "
-                  f"and cosine distance to the {k}-th nearest training image; each standardised on the threshold set; summed",
+        "layers": list(det.blocks),
+        "features": "per-channel mean and std of the " + ", ".join(b for b in det.blocks if b != IMAGE) + " activations"
+                    + ("; image-level: " + ", ".join(IMAGE_FEATURES) if det.uses_images else ""),
+        "scores": "per block: squared Mahalanobis distance to the nearest class mean (shared Ledoit-Wolf covariance; "
+                  f"image block: one pooled mean) and cosine distance to the {k}-th nearest training image; "
+                  "each standardised on the threshold set; summed",
         "k": k,
-        "bank_size": int(len(det.layers[LAYERS[0]].bank)),
+        "bank_size": int(len(det.layers[det.blocks[0]].bank)),
         "fitted_on": train_ds.name,
         "n_fit": int(len(y)),
         "threshold_set": threshold_set,
@@ -269,6 +344,8 @@ def fit_ood(
         "fitted": str(date.today()),
         "medsight_version": __version__,
     }
+    if selection is not None:
+        info["selection"] = selection
     card = read_card(d)
     card.ood = info
     write_card(card, d)
@@ -307,6 +384,7 @@ def load_ood(package: ModelPackage) -> OODDetector | None:
     try:
         threshold, k = float(info["threshold"]), int(info.get("k", DEFAULT_K))
         name, expected = info.get("file", OOD_FILE), info["sha256"]
+        blocks = _check_blocks(info.get("layers", LAYERS))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelCardError(f"{package.card.name}: card.ood is incomplete ({e})") from None
     if package.path is None:
@@ -320,11 +398,15 @@ def load_ood(package: ModelPackage) -> OODDetector | None:
     a = load_file(str(path))
     try:
         layers = {n: LayerScorer(a[f"{n}.class_means"], a[f"{n}.precision"], a[f"{n}.bank"], min(k, len(a[f"{n}.bank"])))
-                  for n in LAYERS}
-        det = OODDetector(layers, a["z_mean"], a["z_std"], threshold)
+                  for n in blocks}
+        det = OODDetector(layers, a["z_mean"], a["z_std"], threshold, blocks)
     except KeyError as e:
         raise ModelIntegrityError(f"{path}: OOD file lacks {e}") from None
-    for n, c in zip(LAYERS, _channels(package.network)):
-        if layers[n].class_means.shape[1] != 2 * c or layers[n].precision.shape != (2 * c, 2 * c):
-            raise ModelIntegrityError(f"{path}: OOD parameters for {n} do not fit the network ({2 * c} statistics)")
+    widths = {**{n: 2 * c for n, c in zip(LAYERS, _channels(package.network))}, IMAGE: len(IMAGE_FEATURES)}
+    for n in blocks:
+        w = widths[n]
+        if layers[n].class_means.shape[1] != w or layers[n].precision.shape != (w, w):
+            raise ModelIntegrityError(f"{path}: OOD parameters for {n} do not fit ({w} statistics expected)")
+    if det.z_mean.shape != (len(blocks), len(SCORERS)):
+        raise ModelIntegrityError(f"{path}: OOD standardisation constants do not fit the card's {len(blocks)} blocks")
     return det

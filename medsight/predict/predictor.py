@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medsight.errors import MedSightError
-from medsight.evaluate.calibration import probabilities
+from medsight.evaluate.calibration import calibrated_probabilities
 from medsight.explain.gradcam import resize_map
 from medsight.io.datasets import LabeledDataset
 from medsight.io.image import MedImage
@@ -64,7 +64,18 @@ class Predictor:
 
     def probs(self, images: Sequence[MedImage]) -> np.ndarray:
         x = batch_to_tensor(images, self.card.input)
-        return probabilities(self.logits(x), self.card.calibration.temperature, self._multilabel)
+        return self.calibrate(self.logits(x))
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities from logits, as the card's calibration says (any method)."""
+        return calibrated_probabilities(logits, self.card.calibration, self._multilabel)
+
+    def ood_scores(self, out: ForwardOutput, images: Sequence[MedImage]) -> np.ndarray | None:
+        """OOD scores of a batch from the backend's layer statistics (and the images, when the
+        detector also scores image-level statistics); None without a detector."""
+        if self.ood is None:
+            return None
+        return self.ood.score_statistics(self.ood.inputs(out.statistics, images))
 
     def predict_dataset_probs(self, ds: LabeledDataset, batch_size: int = 256) -> np.ndarray:
         """Calibrated probabilities for every image of a labelled set (errors propagate)."""
@@ -120,13 +131,14 @@ class Predictor:
         if images:
             x = tensors if tensors is not None else batch_to_tensor(images, self.card.input)
             out = self.forward(x)
-            p = probabilities(out.logits, self.card.calibration.temperature, self._multilabel)
+            p = self.calibrate(out.logits)
             decisions = [self.decide(row) for row in p]
             # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.runtime.cam).
             maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
                                           [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
             # OOD scores from the early layers' statistics, which the backend returns with the logits
-            ood = self.ood.score_statistics(out.statistics) if self.ood is not None else [None] * len(images)
+            scores = self.ood_scores(out, images)
+            ood = scores if scores is not None else [None] * len(images)
             made = iter(
                 self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
             )
