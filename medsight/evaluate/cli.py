@@ -98,11 +98,13 @@ def ood_fit_cmd(
     split: Annotated[Optional[str], typer.Option(help="split to fit on (in-distribution training images)")] = "train",
     val_split: Annotated[Optional[str], typer.Option(help="split to choose the threshold on ('' = hold out 20 percent of the fit split)")] = "val",
     flag_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of threshold-split images allowed to be flagged")] = 0.01,
+    image_statistics: Annotated[bool, typer.Option("--image-statistics", help="also score image-level statistics "
+                                                   "(colour, grey-level histogram) next to the network's layer statistics")] = False,
 ) -> None:
     """Fit the out-of-distribution detector and store it in the package (ood.safetensors + card.ood)."""
     from medsight.io.datasets import load_dataset
     from medsight.models.package import read_card
-    from medsight.predict.ood import fit_ood
+    from medsight.predict.ood import BLOCKS, LAYERS, fit_ood
 
     if not package.is_dir():
         _fail(ValueError(f"{package}: not a package directory; to add a detector to a zoo model, use "
@@ -111,7 +113,7 @@ def ood_fit_cmd(
         labels = read_card(package).labels
         train = load_dataset(data, split, label_names=labels)
         val = load_dataset(data, val_split, label_names=labels) if val_split else None
-        info = fit_ood(package, train, val, val_flag_rate=flag_rate)
+        info = fit_ood(package, train, val, val_flag_rate=flag_rate, blocks=BLOCKS if image_statistics else LAYERS)
     except MedSightError as e:
         _fail(e)
     print(json.dumps({"package": str(package), **info}, indent=2))

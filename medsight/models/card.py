@@ -89,10 +89,11 @@ class Calibration(_Strict):
 
     def n_classes(self) -> int | None:
         """The number of classes the parameters are for (None for temperature scaling)."""
-        for v in (self.scale, self.bias, self.isotonic, (self.prior_shift or {}).get("source_priors")):
-            if v is not None:
-                return len(v)
-        return None
+        sizes = {len(v) for v in (self.scale, self.bias, self.isotonic, (self.prior_shift or {}).get("source_priors"))
+                 if v is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"calibration parameters disagree on the number of classes ({sorted(sizes)})")
+        return sizes.pop() if sizes else None
 
 
 class ConfidencePolicy(_Strict):

@@ -154,3 +154,21 @@ def test_em_recovers_planted_label_shift():
 def test_calibration_map_rejects_bad_logits():
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         CalibrationMap("temperature").apply(np.zeros(3))
+
+
+def test_model_card_checks_calibration_against_its_labels():
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_card
+
+    card = tiny_card()  # two labels
+    data = card.model_dump()
+    data["calibration"] = {"method": "vector", "scale": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
+    with pytest.raises(ValidationError, match="for 3 classes, the model has 2"):
+        type(card).model_validate(data)
+    data["calibration"] = {"method": "temperature-bias", "bias": [0.0, 0.5],
+                           "prior_shift": {"source_priors": [0.2, 0.3, 0.5], "target_priors": [0.1, 0.4, 0.5]}}
+    with pytest.raises(ValidationError, match="disagree"):
+        type(card).model_validate(data)
+    data["calibration"] = {"method": "temperature-bias", "bias": [0.0, 0.5]}
+    assert type(card).model_validate(data).calibration.bias == [0.0, 0.5]

@@ -118,6 +118,10 @@ def test_cli_ood_fit_in_place_and_refuses_names(tiny_package, tiny_npz, tmp_path
     r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--flag-rate", "0.02"])
     assert r.exit_code == 0, r.output
     assert read_card(d).ood["target_flag_rate"] == 0.02 and (d / "ood.safetensors").is_file()
+    assert read_card(d).ood["layers"] == ["stem", "layer1", "layer2"]
+    r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--image-statistics"])
+    assert r.exit_code == 0, r.output
+    assert read_card(d).ood["layers"] == ["stem", "layer1", "layer2", "image"] and medsight.load_model(d).ood.uses_images
     r = CliRunner().invoke(app, ["ood", "fit", "-m", "pneumonia-cxr", "-d", str(tiny_npz)])
     assert r.exit_code == 2 and "not a package directory" in r.output
 
