@@ -385,7 +385,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# CPU inference throughput", "",
         f"Measured {res['date']} on {m['cpu']}, {m['cores']} cores, {m['threads']} inference threads "
-        f"(load average {m['load_average_start']} at start, {m['load_average_end']} at end: other jobs shared the CPU), "
+        f"(1-minute load average {m['load_average_start']} at start, {m['load_average_end']} at end; the run itself keeps both cores busy, "
+        "so a higher figure at the end than at the start does not by itself mean other jobs ran), "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}. Run: `{res['command']}` ({res['seconds']:.0f} s).", "",
         f"**FLOP-bound limits, measured in the same run: fp32 {res['matmul_peak']['gflops']} GFLOP/s** "
         f"({res['matmul_peak']['op']} {res['matmul_peak']['best_size']}^2, the faster of torch.mm and ONNX Runtime MatMul), **int8 {res['int8_matmul_peak']['gflops']} GOP/s** "
