@@ -77,11 +77,12 @@ def main() -> None:
         backends[v] = OnnxBackend(out / f"{v}.onnx", settings, v)
     x = split_tensor(pkg, test)
     detector, ref = load_ood(pkg), _forward(TorchBackend(pkg.network), x, 32)
+    images = [test.image(i) for i in range(len(test))] if detector is not None and detector.uses_images else None
     ref_auc = auc(card, test.y, ref.logits)
     rows = {}
     for v, b in backends.items():
         o = _forward(b, x, 32)
-        rows[v] = {"auc_drop": ref_auc - auc(card, test.y, o.logits), "ood": ood_agreement(detector, o, ref).get("ood_flag_agreement", 1.0)}
+        rows[v] = {"auc_drop": ref_auc - auc(card, test.y, o.logits), "ood": ood_agreement(detector, o, ref, images).get("ood_flag_agreement", 1.0)}
     xx = x[:128] if len(x) >= 128 else x.repeat(128 // len(x) + 1, 1, 1, 1)[:128]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         pkg.network(xx[:1])

@@ -27,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -40,6 +41,7 @@ from medsight.errors import BackendError
 from medsight.evaluate.calibration import probabilities
 from medsight.evaluate.metrics import Scorer
 from medsight.io.datasets import LabeledDataset
+from medsight.io.image import MedImage
 from medsight.models.card import ModelCard
 from medsight.models.package import ModelPackage, load_package, read_card, sha256_of, write_card
 from medsight.models.preprocess import batch_to_tensor
@@ -80,11 +82,16 @@ def _forward(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> For
     return ForwardOutput.concat([backend.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def ood_agreement(detector: OODDetector | None, out: ForwardOutput, ref: ForwardOutput) -> dict[str, float]:
-    """How far a backend's OOD scores and referral flags move from PyTorch's (empty without a detector)."""
+def ood_agreement(detector: OODDetector | None, out: ForwardOutput, ref: ForwardOutput,
+                  images: Sequence[MedImage] | None = None) -> dict[str, float]:
+    """How far a backend's OOD scores and referral flags move from PyTorch's (empty without a detector).
+
+    ``images``: the scored images, needed when the detector also scores image-level statistics
+    (those are the same for every backend; only the layer statistics differ)."""
     if detector is None:
         return {}
-    got, want = detector.score_statistics(out.statistics), detector.score_statistics(ref.statistics)
+    got = detector.score_statistics(detector.inputs(out.statistics, images))
+    want = detector.score_statistics(detector.inputs(ref.statistics, images))
     return {"ood_flag_agreement": float(np.mean(detector.flags(got) == detector.flags(want))),
             "ood_max_abs_score_diff": float(np.abs(got - want).max())}
 
@@ -169,6 +176,7 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
     int8_b = OnnxBackend(int8_model_path(pkg, settings, calibration), settings, "onnx-int8")
 
     detector = load_ood(pkg)
+    images = [test.image(i) for i in range(len(test))] if detector is not None and detector.uses_images else None
     ref_out = _forward(torch_b, x, cfg.batch_size)
     ref = ref_out.logits
     ref_auc = auc(card, test.y, ref)
@@ -183,7 +191,7 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
                                  "auc_drop": None if a is None or ref_auc is None else ref_auc - a}
         if b is not torch_b:
             entry.update(heatmap_agreement(pkg, b, torch_b, timing_x, cfg.batch_size))
-            entry.update(ood_agreement(detector, out, ref_out))
+            entry.update(ood_agreement(detector, out, ref_out, images))
         if b is torch_b:
             entry.update(eligible=True, why="reference")
         elif b is onnx_b:

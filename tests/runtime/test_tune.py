@@ -9,7 +9,7 @@ from medsight.errors import BackendError
 from medsight.io.datasets import load_npz
 from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
-from medsight.predict.ood import fit_ood
+from medsight.predict.ood import IMAGE, LAYERS, fit_ood
 from medsight.predict.predictor import Predictor
 from medsight.runtime.backends import make_backend
 from medsight.runtime.cache import int8_model_path
@@ -50,7 +50,8 @@ def tuned(tiny_package, tiny_npz, tmp_path_factory):
 
     settings = RuntimeSettings(cache_dir=tmp_path_factory.mktemp("cache"), intra_op_threads=1, decode_workers=0)
     train, test = load_npz(tiny_npz, "train", NAMES), load_npz(tiny_npz, "test", NAMES)
-    fit_ood(d, train, load_npz(tiny_npz, "val", NAMES))  # so the int8 rule also checks OOD referral agreement
+    # so the int8 rule also checks OOD referral agreement; with the image-level block, as the zoo's detectors have it
+    fit_ood(d, train, load_npz(tiny_npz, "val", NAMES), blocks=(*LAYERS, IMAGE))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tune_module, "measure_calibration", concurrent_edit)
         rt = tune(d, train, test, settings, FAST)
