@@ -1,6 +1,6 @@
 """int8 quantisation with ONNX Runtime (``onnxruntime.quantization``).
 
-Static quantisation (activations *and* weights int8, QDQ format) is used, because a
+Static quantisation (activations *and* weights int8, QOperator format, see below) is used, because a
 convolutional network only gets faster when its activations are int8 too; dynamic
 quantisation leaves the convolutions in float or runs them as slow ``ConvInteger``.
 
