@@ -86,3 +86,17 @@ def test_cli_backend_option(tiny_package, sample_files, monkeypatch, tmp_path):
         assert a["label"] == b["label"] and a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
     r = runner.invoke(app, ["predict", str(sample_files[0]), "-m", str(tiny_package), "--backend", "tensorrt"])
     assert r.exit_code == 2 and "unknown backend" in r.output
+
+
+def test_load_model_defaults_to_the_recorded_backend(package_copy, sample_files, monkeypatch, tmp_path):
+    """The library default is auto, so everything that loads through load_model (the CLI, the DICOM
+    gateway) runs the card's recorded backend; torch stays available as the reference."""
+    monkeypatch.setenv("MEDSIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    assert medsight.load_model(package_copy).backend.name == "torch"  # nothing recorded yet
+    card = read_card(package_copy)
+    card.runtime = {"backend": "onnx", "weights_sha256": card.weights_sha256, "reason": "measured"}
+    write_card(card, package_copy)
+    fast, ref = medsight.load_model(package_copy), medsight.load_model(package_copy, backend="torch")
+    assert fast.backend.name == "onnx" and ref.backend.name == "torch"
+    a, b = fast.predict(sample_files[0]), ref.predict(sample_files[0])
+    assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
