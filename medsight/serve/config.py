@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from medsight.dicom.delivery import OutputSettings
@@ -68,6 +70,12 @@ class ServiceSettings(BaseModel):
     default_models: dict[str, str] = {
         "CR": "pneumonia-cxr", "DX": "pneumonia-cxr", "US": "breast-us-busi", "MR": "brain-tumor-mri", "XC": "skin-lesion-ham",
     }
+    #: How every model runs (``medsight.runtime.backends``): ``auto`` takes the backend that
+    #: ``medsight runtime tune`` recorded in the card (the fastest one that kept the test AUC within
+    #: 0.005 of PyTorch); ``torch`` forces eager PyTorch, e.g. to compare against a research setup.
+    inference_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    #: Threads one forward pass may use; default: every core this process may run on.
+    inference_threads: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_files_per_upload: int = Field(default=500, gt=0)
     lease_seconds: float = Field(default=60.0, gt=0, description="a job whose worker stops heartbeating is reclaimed after this")
@@ -107,6 +115,8 @@ class ServiceSettings(BaseModel):
             env["outputs"] = OutputSettings.model_validate({**dict(env.get("outputs") or {}), **outputs})
         if os.environ.get("MEDSIGHT_DEID_ON_ARRIVAL"):
             env["deid_key_file"] = Path(os.environ["MEDSIGHT_DEID_ON_ARRIVAL"])
+        if os.environ.get("MEDSIGHT_BACKEND"):
+            env["inference_backend"] = os.environ["MEDSIGHT_BACKEND"]
         if os.environ.get("MEDSIGHT_PUBLIC_URL"):
             env["public_url"] = os.environ["MEDSIGHT_PUBLIC_URL"]
         env.update({k: v for k, v in overrides.items() if v is not None})

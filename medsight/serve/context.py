@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medsight.runtime.settings import RuntimeSettings
 from medsight.serve.catalog import ModelCatalog
 from medsight.serve.config import ServiceSettings
 from medsight.serve.database import Database, open_database
@@ -23,9 +24,11 @@ class ServiceContext:
     def build(cls, settings: ServiceSettings, migrate: bool = True) -> "ServiceContext":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = open_database(settings.db_url, migrate=migrate)
+        runtime = RuntimeSettings(intra_op_threads=settings.inference_threads) if settings.inference_threads else None
         return cls(
             settings=settings, db=db, store=FileStore(settings.files_dir),
-            catalog=ModelCatalog(settings.model_paths, settings.default_models, use_zoo=settings.use_zoo),
+            catalog=ModelCatalog(settings.model_paths, settings.default_models, use_zoo=settings.use_zoo,
+                                 backend=settings.inference_backend, runtime=runtime),
             queue=JobQueue(db, settings.lease_seconds),
         )
 

@@ -76,3 +76,25 @@ def test_zoo_models_run_their_recorded_backend(settings):
         assert pred.backend.name == recorded_choice(card)[0], card.name
         if pred.backend.name == "onnx":
             _assert_same_results(pred.predict_batch(_samples()), ref.predictor(card.name).predict_batch(_samples()))
+
+
+def test_service_settings_choose_the_backend_and_threads(onnx_recorded, tmp_path, monkeypatch):
+    """`inference_backend` / MEDSIGHT_BACKEND reach the catalog; a typo fails when settings load."""
+    from pydantic import ValidationError
+
+    from medsight.serve.config import ServiceSettings
+    from medsight.serve.context import ServiceContext
+
+    monkeypatch.setenv("MEDSIGHT_BACKEND", "torch")
+    settings = ServiceSettings.from_env(data_dir=tmp_path / "svc", model_paths=[onnx_recorded], use_zoo=False,
+                                        inference_threads=1)
+    ctx = ServiceContext.build(settings)
+    try:
+        assert ctx.catalog.backend == "torch" and ctx.catalog.runtime.intra_op_threads == 1
+        assert isinstance(ctx.catalog.predictor("tiny").backend, TorchBackend)
+    finally:
+        ctx.close()
+    monkeypatch.delenv("MEDSIGHT_BACKEND")
+    assert ServiceSettings(data_dir=tmp_path).inference_backend == "auto"
+    with pytest.raises(ValidationError, match="inference_backend"):
+        ServiceSettings(data_dir=tmp_path, inference_backend="onnx-fp16")
