@@ -71,6 +71,7 @@ def listen_cmd(
     fhir_url: Annotated[Optional[str], typer.Option("--fhir-url", help="POST a FHIR R4 DiagnosticReport transaction to this server")] = None,
     hl7: Annotated[Optional[str], typer.Option("--hl7", help="send an HL7 v2 ORU^R01 over MLLP to host:port")] = None,
     deid_key_file: Annotated[Optional[Path], typer.Option("--deid-key-file", help="de-identify every instance on arrival with this site key")] = None,
+    keep_received: Annotated[bool, typer.Option("--keep-received", help="keep the inbox copy of each study after the service stored its own (default: removed once queued)")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="worker threads in this process that analyse and deliver (0: 'medsight serve' / 'medsight worker' do it)")] = 1,
 ) -> None:
     """Run a DICOM Storage SCP (C-ECHO, C-STORE) that queues each complete study in the service.
@@ -102,7 +103,7 @@ def listen_cmd(
             deid = DeidConfig(key=load_key(cfg.deid_key_file))
         listener = ListenerConfig(ae_title=aet, host=host, port=port, data_dir=cfg.data_dir / "dicom-inbox",
                                   allowed_calling_aets=tuple(calling_aet or ()), allow_any_ae=allow_any_ae,
-                                  idle_timeout=idle_timeout, deid=deid)
+                                  idle_timeout=idle_timeout, deid=deid, keep_received=keep_received)
         scp = StorageSCP(listener, on_study_complete=ServiceStudyCallback(ctx, model=model))
         scp.start()
     except (MedSightError, OSError, ValueError) as e:

@@ -76,6 +76,9 @@ class ListenerConfig:
     idle_timeout: float = 30.0
     deid: object | None = None  # medsight.dicom.deid.DeidConfig: de-identify on arrival
     workers: int = 1  # study-complete callbacks run one at a time by default (CPU-bound inference)
+    #: Keep the inbox copy of a study after the callback handed it off (the service then holds its own
+    #: copy). Off by default so a busy PACS feed does not fill the disk with a second copy of every study.
+    keep_received: bool = False
     max_associations: int = 10
     network_timeout: float = 60.0
 
@@ -94,6 +97,22 @@ class ReceivedStudy:
     files: list[Path]
     calling_aets: set[str] = field(default_factory=set)
     data_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What a study-complete callback reports.
+
+    ``handed_off``: the study's files are now held durably by someone else (the service stored its
+    own copies in the same transaction as the queued job), so the listener may delete its inbox copy.
+    A callback that returns anything else (or a refusal) leaves the inbox copy in place.
+    """
+
+    message: str
+    handed_off: bool = False
+
+    def __str__(self) -> str:
+        return self.message
 
 
 StudyCallback = Callable[[ReceivedStudy], object]
@@ -200,7 +219,10 @@ class StorageSCP:
                 log.exception("study-complete callback failed for study %s", study.study_instance_uid)
                 return
         self.store.mark_complete(study.study_instance_uid, {"instances": len(study.files), "outcome": str(outcome)[:500]})
+        if isinstance(outcome, StudyOutcome) and outcome.handed_off and not self.config.keep_received:
+            removed = self.store.release(study.study_instance_uid, study.files)
+            log.info("study %s: %d inbox files removed (the service holds its copy)", study.study_instance_uid, removed)
         self.completed.append(study.study_instance_uid)
 
 
-__all__ = ["StorageSCP", "ListenerConfig", "ReceivedStudy", "StudyCallback", "IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES"]
+__all__ = ["StorageSCP", "ListenerConfig", "ReceivedStudy", "StudyCallback", "StudyOutcome", "IMAGE_STORAGE_CLASSES", "TRANSFER_SYNTAXES"]

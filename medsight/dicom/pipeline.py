@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 
-from medsight.dicom.listener import ReceivedStudy
+from medsight.dicom.listener import ReceivedStudy, StudyOutcome
 from medsight.dicom.results import MANUFACTURER
 
 log = logging.getLogger("medsight.dicom.pipeline")
@@ -59,7 +59,7 @@ class ServiceStudyCallback:
         self.ctx = ctx
         self.model = model
 
-    def __call__(self, study: ReceivedStudy) -> str:
+    def __call__(self, study: ReceivedStudy) -> StudyOutcome:
         from medsight.errors import DuplicateStudyError, MedSightError
         from medsight.serve.audit import Actor
         from medsight.serve.ingest import ingest_files
@@ -68,20 +68,21 @@ class ServiceStudyCallback:
         for reason in skipped:
             log.info("study %s: skipped %s", study.study_instance_uid, reason)
         if not files:
-            return f"nothing to analyse ({len(skipped)} instances skipped)"
+            return StudyOutcome(f"nothing to analyse ({len(skipped)} instances skipped)")
         priority = max((requested_priority(h) for h in headers), key=("routine", "urgent", "stat").index)
         actor = Actor(f"dicom:{','.join(sorted(study.calling_aets)) or 'unknown'}", "system")
         try:
             queued = ingest_files(self.ctx, files, actor=actor, model=self.model, priority=priority)
         except DuplicateStudyError as e:
             log.warning("study %s was already received: %s (late instances are not analysed again)", study.study_instance_uid, e)
-            return f"already in the service: {e}"
+            return StudyOutcome(f"already in the service: {e}")
         except MedSightError as e:  # unreadable image, no model for the modality, ...: refused, listener keeps serving
             log.warning("study %s refused by the service: %s", study.study_instance_uid, e)
-            return f"refused: {e}"
+            return StudyOutcome(f"refused: {e}")
         log.info("study %s queued as service study %s (%s, %d instances)", study.study_instance_uid, queued.id,
                  queued.model, len(files))
-        return f"queued as study {queued.id} ({queued.model}, priority {priority})"
+        # ingest_files stored its own copies in the same transaction as the job: the inbox copy may go
+        return StudyOutcome(f"queued as study {queued.id} ({queued.model}, priority {priority})", handed_off=True)
 
 
 __all__ = ["ServiceStudyCallback", "analysable_instances", "is_own_output", "requested_priority"]

@@ -246,9 +246,12 @@ class InstanceStore:
                 if entry.name == "complete.json":
                     continue
                 try:
-                    st.instances[entry.stem] = self._instance_path(json.loads(entry.read_text())["sha256"])
+                    path = self._instance_path(json.loads(entry.read_text())["sha256"])
                 except (OSError, ValueError, KeyError):
                     log.warning("ignoring unreadable index entry %s", entry)
+                    continue
+                if path.exists():  # a missing file was released after hand-off (files are written before entries)
+                    st.instances[entry.stem] = path
             self._studies[folder.name] = st
 
     def due_studies(self, idle_timeout: float, now: float | None = None) -> list[_Study]:
@@ -262,6 +265,29 @@ class InstanceStore:
 
     def mark_complete(self, study_uid: str, info: dict) -> None:
         atomic_write_bytes(json.dumps(info).encode(), self.studies_dir / study_uid / "complete.json")
+
+    def release(self, study_uid: str, files: list[Path]) -> int:
+        """Delete the handed-off instance files of a study; its index entries stay.
+
+        The index entries (SOP Instance UID -> sha256) keep duplicate detection working:
+        a PACS that sends the same instance again gets "duplicate" rather than a re-analysis.
+        Only the files handed to the callback are removed; an instance that arrived while
+        the callback ran stays, and its study is due again. Files are content-addressed and
+        hold the Study Instance UID, so no other study references them.
+        """
+        removed = 0
+        with self._lock:
+            st = self._studies.get(study_uid)
+            for path in files:
+                if st is not None:
+                    for sop in [k for k, v in st.instances.items() if v == path]:
+                        del st.instances[sop]
+                try:
+                    path.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def study_files(self, study_uid: str) -> list[Path]:
         with self._lock:

@@ -144,7 +144,7 @@ def test_own_results_and_images_without_pixels_are_not_queued(tmp_path: Path, mo
     ctx = service_context(tmp_path, models_dir)
     try:
         outcome = ServiceStudyCallback(ctx)(ReceivedStudy(str(own.StudyInstanceUID), [tmp_path / "own.dcm"], {"PACS"}))
-        assert outcome.startswith("nothing to analyse")
+        assert outcome.message.startswith("nothing to analyse") and not outcome.handed_off
         with ctx.db.session() as s:
             assert s.execute(select(Study)).first() is None
     finally:
@@ -156,10 +156,12 @@ def test_a_study_received_twice_is_queued_once_and_unknown_modality_is_refused(t
     callback = ServiceStudyCallback(ctx)
     study = ReceivedStudy(read(DATA / CT_STUDY[0]).StudyInstanceUID, [DATA / n for n in CT_STUDY], {"PACS"})
     try:
-        assert callback(study).startswith("queued as study")
-        assert callback(study).startswith("already in the service")
+        first, again = callback(study), callback(study)
+        assert first.message.startswith("queued as study") and first.handed_off
+        assert again.message.startswith("already in the service") and not again.handed_off
         us = DATA / "US1_J2KR.dcm"  # ultrasound: the tiny model reads CR/DX/CT/MR only
-        assert "no installed model reads modality 'US'" in ServiceStudyCallback(ctx)(ReceivedStudy("u", [us], {"PACS"}))
+        refused = ServiceStudyCallback(ctx)(ReceivedStudy("u", [us], {"PACS"}))
+        assert "no installed model reads modality 'US'" in refused.message and not refused.handed_off
         with ctx.db.session() as s:
             assert len(s.execute(select(Study)).all()) == 1
     finally:
@@ -172,3 +174,34 @@ def test_requested_procedure_priority_sets_the_worklist_priority() -> None:
     for value, expected in (("STAT", "stat"), ("HIGH", "urgent"), ("LOW", "routine"), ("MEDIUM", "routine")):
         ds.RequestedProcedurePriority = value
         assert requested_priority(ds) == expected
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_inbox_copy_is_removed_once_the_service_holds_the_study_and_a_resend_is_a_duplicate(tmp_path: Path, models_dir: Path,
+                                                                                         keep: bool) -> None:
+    from medsight.dicom.store import InstanceStore
+
+    ctx = service_context(tmp_path, models_dir)
+    inbox = tmp_path / "inbox"
+    cfg = ListenerConfig(port=0, data_dir=inbox, allowed_calling_aets=("MODALITY",), idle_timeout=0.5, keep_received=keep)
+    gateway = StorageSCP(cfg, on_study_complete=ServiceStudyCallback(ctx)).start()
+    try:
+        send_study(gateway.port)
+        wait_for(lambda: gateway.completed, timeout=60)
+        inbox_files = list((inbox / "instances").rglob("*.dcm"))
+        assert len(inbox_files) == (len(CT_STUDY) if keep else 0)
+        with ctx.db.session() as s:  # the service's own copies, verified against their sha256
+            hashes = [i.file_sha256 for i in s.execute(select(Study)).scalar_one().instances]
+        assert len(hashes) == len(CT_STUDY) and all(ctx.store.verify(h) for h in hashes)
+        # the PACS sends the same study again: every C-STORE succeeds as a duplicate, nothing is queued twice
+        send_study(gateway.port)
+        assert not gateway.store.due_studies(0.0)
+    finally:
+        gateway.stop()
+    with ctx.db.session() as s:
+        assert len(s.execute(select(Study)).all()) == 1
+    ctx.close()
+    # after a restart the released study is neither pending nor pointing at missing files
+    again = InstanceStore(inbox)
+    assert not again.due_studies(0.0)
+    assert again.study_files(read(DATA / CT_STUDY[0]).StudyInstanceUID) == (sorted(inbox_files) if keep else [])
