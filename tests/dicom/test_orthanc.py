@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.uid import CTImageStorage
 
 from medsight.dicom.listener import ListenerConfig, StorageSCP
 from medsight.dicom.pipeline import ServiceStudyCallback
@@ -204,9 +205,12 @@ def test_dsrdump_reads_the_sr_stored_in_orthanc(round_trip, tmp_path: Path) -> N
 def test_orthanc_routed_with_its_own_ae_title_and_results_are_not_analysed_again(round_trip) -> None:
     scp = round_trip["scp"]
     assert scp.completed.count(round_trip["study_uid"]) >= 1
-    stored = [read(f) for f in (round_trip["folder"] / "medsight" / "instances").rglob("*.dcm")]
+    # the listener's index of every instance it received (the files themselves are removed once queued)
+    index = [json.loads(p.read_text()) for p in (round_trip["folder"] / "medsight" / "studies").rglob("*.json")
+             if p.name != "complete.json"]
     # Orthanc's rule skipped MedSight's own results: only the CT images reached the listener
-    assert sorted(str(ds.Modality) for ds in stored) == ["CT"] * len(CT_STUDY)
+    assert sorted(e["sop_class_uid"] for e in index) == [CTImageStorage] * len(CT_STUDY)
+    assert not list((round_trip["folder"] / "medsight" / "instances").rglob("*.dcm"))
 
 
 @pytest.mark.skipif(DICOMWEB_PLUGIN is None, reason="orthanc-dicomweb plugin is not installed")
