@@ -114,6 +114,10 @@ class DicomSendError(DicomGatewayError):
     """Results could not be delivered to the configured destination (they stay in the outbox)."""
 
 
+class TlsConfigError(DicomGatewayError):
+    """A DICOM TLS certificate, key or CA file is missing, unreadable or does not match."""
+
+
 class ResultExportError(DicomGatewayError):
     """A prediction cannot be turned into a DICOM SR / Secondary Capture / FHIR / HL7 message."""
 

@@ -27,6 +27,22 @@ def _fail(e: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+TlsCert = Annotated[Optional[Path], typer.Option("--tls-cert", help="DICOM over TLS: our certificate (PEM)")]
+TlsKey = Annotated[Optional[Path], typer.Option("--tls-key", help="DICOM over TLS: its private key (PEM)")]
+TlsCa = Annotated[Optional[Path], typer.Option("--tls-ca", help="DICOM over TLS: CA certificates trusted for the peer (listener: clients must present a certificate it signed)")]
+
+
+def _tls(cert: Path | None, key: Path | None, ca: Path | None, server: bool):  # noqa: ANN202
+    """TLS settings from the --tls-* options (None: plain TCP), checked now so a bad file fails at start."""
+    if not (cert or key or ca):
+        return None
+    from medsight.dicom.tls import TlsSettings
+
+    tls = TlsSettings(cert_file=cert, key_file=key, ca_file=ca)
+    tls.server_context() if server else tls.client_context()
+    return tls
+
+
 def deid_cmd(
     src: Annotated[Path, typer.Argument(help="DICOM file or folder to de-identify")],
     dst: Annotated[Path, typer.Argument(help="output file, or folder (files named after the new UIDs)")],
@@ -71,6 +87,9 @@ def listen_cmd(
     fhir_url: Annotated[Optional[str], typer.Option("--fhir-url", help="POST a FHIR R4 DiagnosticReport transaction to this server")] = None,
     hl7: Annotated[Optional[str], typer.Option("--hl7", help="send an HL7 v2 ORU^R01 over MLLP to host:port")] = None,
     deid_key_file: Annotated[Optional[Path], typer.Option("--deid-key-file", help="de-identify every instance on arrival with this site key")] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
     keep_received: Annotated[bool, typer.Option("--keep-received", help="keep the inbox copy of each study after the service stored its own (default: removed once queued)")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="worker threads in this process that analyse and deliver (0: 'medsight serve' / 'medsight worker' do it)")] = 1,
 ) -> None:
@@ -103,7 +122,8 @@ def listen_cmd(
             deid = DeidConfig(key=load_key(cfg.deid_key_file))
         listener = ListenerConfig(ae_title=aet, host=host, port=port, data_dir=cfg.data_dir / "dicom-inbox",
                                   allowed_calling_aets=tuple(calling_aet or ()), allow_any_ae=allow_any_ae,
-                                  idle_timeout=idle_timeout, deid=deid, keep_received=keep_received)
+                                  idle_timeout=idle_timeout, deid=deid, keep_received=keep_received,
+                                  tls=_tls(tls_cert, tls_key, tls_ca, server=True))
         scp = StorageSCP(listener, on_study_complete=ServiceStudyCallback(ctx, model=model))
         scp.start()
     except (MedSightError, OSError, ValueError) as e:
@@ -135,12 +155,15 @@ def send_cmd(
     dest: Annotated[str, typer.Option("--dest", help="AE@host:port (C-STORE) or STOW-RS base URL")],
     aet: Annotated[str, typer.Option("--aet", help="our (calling) AE title")] = "MEDSIGHT",
     outbox: Annotated[Path, typer.Option("--outbox", help="failed sends are kept here and retried")] = Path("medsight-dicom/outbox"),
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Send DICOM files (C-STORE or STOW-RS); anything that fails stays in the outbox for retry."""
     from medsight.dicom.sender import Outbox, parse_destination
 
     try:
-        box = Outbox(outbox, parse_destination(dest), calling_aet=aet)
+        box = Outbox(outbox, parse_destination(dest, tls=_tls(tls_cert, tls_key, tls_ca, server=False)), calling_aet=aet)
         files = [f for p in paths for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()))]
         for f in files:
             box.put_file(f)
@@ -157,12 +180,16 @@ def retry_cmd(
     dest: Annotated[str, typer.Option("--dest", help="AE@host:port (C-STORE) or STOW-RS base URL")],
     aet: Annotated[str, typer.Option("--aet")] = "MEDSIGHT",
     outbox: Annotated[Path, typer.Option("--outbox")] = Path("medsight-dicom/outbox"),
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Retry everything waiting in the outbox."""
     from medsight.dicom.sender import Outbox, parse_destination
 
     try:
-        report = Outbox(outbox, parse_destination(dest), calling_aet=aet).flush()
+        dest_ = parse_destination(dest, tls=_tls(tls_cert, tls_key, tls_ca, server=False))
+        report = Outbox(outbox, dest_, calling_aet=aet).flush()
     except MedSightError as e:
         _fail(e)
     err.print(f"sent {report.sent}, still queued {report.pending}", highlight=False)

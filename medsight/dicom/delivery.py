@@ -24,6 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medsight.dicom.results import AnalysedImage
+from medsight.dicom.tls import TlsSettings
 
 CHANNELS = ("dicom", "fhir", "hl7")
 
@@ -36,6 +37,7 @@ class OutputSettings(BaseModel):
     calling_aet: str = Field(default="MEDSIGHT", description="our AE title when sending")
     send_overlays: bool = Field(default=True, description="also send the heat-map Secondary Captures, not only the SR")
     fhir_url: str | None = Field(default=None, description="FHIR R4 server base URL for the DiagnosticReport transaction")
+    dicom_tls: TlsSettings | None = Field(default=None, description="C-STORE over TLS: CA to verify the PACS, our certificate if it requires one")
     hl7_destination: str | None = Field(default=None, description="RIS MLLP listener, host:port")
     hl7_sending_facility: str = "HOSPITAL"
     hl7_receiving_application: str = "RIS"
@@ -141,7 +143,9 @@ def send_payloads(channel: str, payloads: Sequence[bytes], settings: OutputSetti
 def _send_dicom(payloads: Sequence[bytes], dest: str, settings: OutputSettings) -> str:
     from medsight.dicom.sender import StowDestination, parse_destination, send_dimse, send_stow
 
-    target = parse_destination(dest)
+    from medsight.errors import TlsConfigError
+
+    target = parse_destination(dest, tls=settings.dicom_tls)
     with tempfile.TemporaryDirectory(prefix="medsight-send-") as tmp:
         paths = []
         for k, data in enumerate(payloads):
@@ -151,7 +155,10 @@ def _send_dicom(payloads: Sequence[bytes], dest: str, settings: OutputSettings) 
         if isinstance(target, StowDestination):
             outcomes = send_stow(paths, target, settings.timeout_s)
         else:
-            outcomes = send_dimse(paths, target, settings.calling_aet, settings.timeout_s)
+            try:
+                outcomes = send_dimse(paths, target, settings.calling_aet, settings.timeout_s)
+            except TlsConfigError as e:  # retried: an administrator can fix the files without losing results
+                raise DeliveryFailed(str(e), permanent=False) from None
     failed = {p.name: o for p, o in outcomes.items() if not o.ok}
     if failed:
         permanent = all(o.permanent for o in failed.values())

@@ -79,6 +79,8 @@ class ListenerConfig:
     #: Keep the inbox copy of a study after the callback handed it off (the service then holds its own
     #: copy). Off by default so a busy PACS feed does not fill the disk with a second copy of every study.
     keep_received: bool = False
+    #: DICOM over TLS (:mod:`medsight.dicom.tls`); with ``tls.ca_file`` clients must present a certificate.
+    tls: object | None = None  # medsight.dicom.tls.TlsSettings
     max_associations: int = 10
     network_timeout: float = 60.0
 
@@ -146,10 +148,13 @@ class StorageSCP:
             ae.add_supported_context(cls, TRANSFER_SYNTAXES)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ACCEPTED, self._on_accepted)]
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        ssl_context = self.config.tls.server_context() if self.config.tls is not None else None  # fails before binding
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                                       ssl_context=ssl_context)
         self._watcher = threading.Thread(target=self._watch, name="medsight-study-watcher", daemon=True)
         self._watcher.start()
-        log.info("listening as %s on %s:%s", self.config.ae_title, self.config.host, self.port)
+        log.info("listening as %s on %s:%s%s", self.config.ae_title, self.config.host, self.port,
+                 " (TLS)" if self.config.tls is not None else "")
         return self
 
     @property

@@ -23,6 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medsight.dicom.files import atomic_write_bytes, encode_part10
+from medsight.dicom.tls import TlsSettings
 from medsight.errors import DicomSendError
 
 log = logging.getLogger("medsight.dicom.sender")
@@ -33,9 +34,10 @@ class DimseDestination:
     ae_title: str
     host: str
     port: int
+    tls: TlsSettings | None = None  # DICOM over TLS (the receiver's certificate is verified)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,14 @@ class StowDestination:
 Destination = DimseDestination | StowDestination
 
 
-def parse_destination(text: str) -> Destination:
-    """``AE@host:port`` for C-STORE, ``http(s)://.../dicom-web`` for STOW-RS."""
+def parse_destination(text: str, tls: TlsSettings | None = None) -> Destination:
+    """``AE@host:port`` for C-STORE (over TLS when ``tls`` is given), ``http(s)://.../dicom-web`` for STOW-RS."""
     if re.match(r"^https?://", text):
         return StowDestination(text.rstrip("/"))
     m = re.fullmatch(r"([^@\s]{1,16})@([^:\s]+):(\d{1,5})", text.strip())
     if not m or not 0 < int(m.group(3)) < 65536:
         raise DicomSendError(f"destination {text!r} is neither AE@host:port nor an http(s) DICOMweb URL")
-    return DimseDestination(m.group(1), m.group(2), int(m.group(3)))
+    return DimseDestination(m.group(1), m.group(2), int(m.group(3)), tls)
 
 
 @dataclass
@@ -95,8 +97,9 @@ def send_dimse(paths: list[Path], dest: DimseDestination, calling_aet: str = "ME
         ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
     if not datasets:
         return results
+    tls_args = (dest.tls.client_context(), dest.host) if dest.tls is not None else None  # bad TLS files: TlsConfigError
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:
         return {**results, **{p: SendOutcome(False, False, f"cannot connect: {exc}") for p in datasets}}
     if not assoc.is_established:
