@@ -3,17 +3,21 @@
 For each finished zoo model:
 
 1. fit each detector design (``VARIANTS``: the network's layer statistics alone, or with
-   the image-level statistics too) on its train split, threshold on its val split (at
-   most 1% of val flagged), and score its test split and the other data sets;
-   two **held-out protocols** choose the design without the data it is scored on:
-   (a) *synthetic*: the design with the highest mean AUROC between the val images and
-   fixed synthetic corruptions of them (``CORRUPTIONS``: colour swap, inversion, gamma,
-   blur, noise, low contrast) -- no real OOD image and no test image takes part, so
-   every real set is held out; the package gets this design (``fit_ood``:
+   the image-level statistics too) on its train split with the default threshold rule of
+   ``medsight.predict.ood`` (cross-fitted: 10 class-stratified folds of train, the
+   threshold flags at most 1% of the pooled out-of-fold train scores + val scores, the
+   stored detector is the one fitted on all folds but fold 0), and score its test split
+   and the other data sets; two **held-out protocols** choose the design without the data
+   it is scored on: (a) *synthetic*: the design with the highest mean AUROC between the
+   val images and fixed synthetic corruptions of them (``CORRUPTIONS``: colour swap,
+   inversion, gamma, blur, noise, low contrast) -- no real OOD image and no test image
+   takes part, so every real set is held out; the package gets this design (``fit_ood``:
    ``ood.safetensors`` + the card's ``ood`` field only; ``--no-write`` fits into a
-   temporary copy instead); (b) *leave one imaging modality out*: for each far-OOD
-   modality, the design with the highest lowest AUROC on the *other* far-OOD
-   modalities, scored on the held-out one;
+   temporary copy instead). A package whose card already records a design chosen this
+   way keeps it (the current synthetic figures and the design they would pick are
+   reported next to it); ``--reselect`` ships the design the current figures pick.
+   (b) *leave one imaging modality out*: for each far-OOD modality, the design with the
+   highest lowest AUROC on the *other* far-OOD modalities, scored on the held-out one;
 2. score its official test split (in-distribution) and up to ``--per-set`` images of
    every OTHER data set in shared/data. Sets of another imaging family (dermoscopy vs
    chest X-ray, ...) are far-OOD: target AUROC >= 0.99 with <= 2% of in-distribution
@@ -24,7 +28,7 @@ For each finished zoo model:
    confident cases are referred, and the deployed policy (refer when OOD or below
    the card's confidence floor).
 
-    .venv/bin/python benchmarks/ood/run.py [--data-root ../shared/data] [--only NAME ...] [--no-write]
+    .venv/bin/python benchmarks/ood/run.py [--data-root ../shared/data] [--only NAME ...] [--no-write] [--reselect]
 
 Writes benchmarks/ood/results.json, results.md and risk_coverage.png.
 """
@@ -54,10 +58,15 @@ from medsight.evaluate.gallery import decisions  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from medsight.evaluate.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
-from medsight.predict.ood import BLOCKS, LAYERS, dataset_statistics, fit_detector, fit_ood  # noqa: E402
+from medsight.predict.ood import (BLOCKS, DEFAULT_FOLDS, DEFAULT_THRESHOLD_RULE, DEFAULT_VAL_FLAG_RATE, LAYERS,  # noqa: E402
+                                  dataset_statistics, fit_detector, fit_ood)
 from medsight.predict.predictor import Predictor  # noqa: E402
 
 TARGET_AUROC, TARGET_FLAG = 0.99, 0.02
+THRESHOLD_RULE_TEXT = (f"cross-fitted ({DEFAULT_THRESHOLD_RULE}, medsight.predict.ood): the train split in {DEFAULT_FOLDS} seeded, "
+                       "class-stratified folds; every train image scored by the detector fitted on the other folds, pooled with "
+                       "the val images scored by the stored detector (the one fitted on all folds but fold 0); the threshold "
+                       f"flags at most {100 * DEFAULT_VAL_FLAG_RATE:.0f}% of that pool (the earlier rule: at most 1% of val alone)")
 
 
 #: detector designs compared (in order of simplicity; a tie goes to the earlier one)
@@ -121,7 +130,7 @@ def choose_variant(aurocs: dict[str, dict[str, float]], families: list[str]) -> 
     return max(VARIANTS, key=lambda v: (round(min(aurocs[v][f] for f in families), 4), -list(VARIANTS).index(v)))
 
 
-def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
+def run_model(m, data_root: Path, per_set: int, write: bool, reselect: bool = False) -> dict:
     splits = m.splits(data_root)
     tmp = None
     if write:
@@ -141,9 +150,10 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
         far_families = sorted({DATA_SETS[s] for s in others} - {own_family})
         ytr = _targets(splits["train"])[stats["train"][1]]
         # every design fitted on train, standardised and thresholded on val, scored on test and every other set
-        per_variant = {}
+        per_variant, detectors = {}, {}
         for name, blocks in VARIANTS.items():
             det, _ = fit_detector(stats["train"][0], ytr, stats["val"][0], blocks=blocks)
+            detectors[name] = det
             s_in = det.score_statistics(stats["test"][0])
             sets = {}
             for src, st in others.items():
@@ -157,8 +167,9 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
                                  "family_auroc": fam, "min_far_auroc": min(fam.values())}
         # synthetic protocol: each design scored on val vs corrupted val images (no real OOD image, no test image)
         corrupted = corrupted_statistics(pkg0, splits["val"], per_set)
-        for name, blocks in VARIANTS.items():
-            det, s_val = fit_detector(stats["train"][0], ytr, stats["val"][0], blocks=blocks)
+        for name in VARIANTS:
+            det = detectors[name]
+            s_val = det.score_statistics(stats["val"][0])  # the val images, scored by the detector the package would store
             syn = {c: auroc(s_val, det.score_statistics(st)) for c, st in corrupted.items()}
             per_variant[name]["synthetic_auroc"] = syn
             per_variant[name]["synthetic_mean_auroc"] = float(np.mean(list(syn.values())))
@@ -171,11 +182,18 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
             held_out[f] = {"chosen": v, "auroc": fam_auc[v][f], "id_flagged": per_variant[v]["id_flagged"]}
         ho_min = min(h["auroc"] for h in held_out.values())
         ho_flag = max(h["id_flagged"] for h in held_out.values())
-        # the design the package carries: chosen on synthetic corruptions of val only, so every real OOD set is held out
-        shipped = synthetic_choice
-        selection = {"rule": "highest mean AUROC, val images vs synthetic corruptions of them "
-                             f"({', '.join(CORRUPTIONS)}; benchmarks/ood); candidates {list(VARIANTS)}",
-                     "chosen": shipped, "synthetic_mean_auroc_by_design": {v: per_variant[v]["synthetic_mean_auroc"] for v in VARIANTS}}
+        # the design the package carries: chosen on synthetic corruptions of val only, so every real OOD set is held out;
+        # a design already chosen that way and recorded in the card is kept (unless --reselect)
+        recorded = ((pkg0.card.ood or {}).get("selection") or {})
+        if not reselect and recorded.get("chosen") in VARIANTS:
+            shipped, selection = recorded["chosen"], dict(recorded)
+            selection.setdefault("kept", "chosen when the detector was thresholded on val alone (the figures above are from "
+                                         "then); kept when it was refitted with the cross-fitted threshold")
+        else:
+            shipped = synthetic_choice
+            selection = {"rule": "highest mean AUROC, val images vs synthetic corruptions of them "
+                                 f"({', '.join(CORRUPTIONS)}; benchmarks/ood); candidates {list(VARIANTS)}",
+                         "chosen": shipped, "synthetic_mean_auroc_by_design": {v: per_variant[v]["synthetic_mean_auroc"] for v in VARIANTS}}
         info = fit_ood(target, splits["train"], splits["val"], blocks=VARIANTS[shipped], selection=selection)
         fit_s = time.time() - t
         pkg = load_package(target)
@@ -203,6 +221,7 @@ def run_model(m, data_root: Path, per_set: int, write: bool) -> dict:
         return {
             "model": f"{m.card.name}@{m.card.version}", "source": m.source, "family": own_family,
             "written_to_zoo": write, "fit_seconds": fit_s, "ood": info, "shipped_design": shipped,
+            "synthetic_choice_now": synthetic_choice, "design_kept_from_card": shipped == recorded.get("chosen") and not reselect,
             "in_distribution": {"n": int(len(s_in)), "flagged": id_flag, "median_score": float(np.median(s_in))},
             "sets": sets, "designs": per_variant, "held_out": held_out, "lomo_design_on_all_modalities": choose_variant(fam_auc, far_families),
             "held_out_min_far_auroc": ho_min, "held_out_worst_id_flagged": ho_flag,
@@ -243,19 +262,22 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         "# OOD benchmark: feature-statistics detector (network layers, optionally image-level statistics)", "",
         f"Run {meta['date']} with MedSight {meta['medsight_version']} in {meta['seconds']:.0f} s; up to {meta['per_set']} images per "
-        f"other data set (seeded). Every design is fitted on the model's train split and thresholded on its val split "
-        f"(<= 1% of val flagged); AUROC: in-distribution test split vs the other data sets. "
+        f"other data set (seeded). Threshold rule: {meta['threshold_rule']}. "
+        f"AUROC: in-distribution test split vs the other data sets. "
         f"Target: far-OOD AUROC >= {TARGET_AUROC} with <= {100 * TARGET_FLAG:.0f}% of in-distribution test images flagged.", "",
         f"Designs: {', '.join(f'`{k}` = {list(v)}' for k, v in VARIANTS.items())}.", "",
         "## The shipped detector (design chosen on synthetic corruptions of val: every real set below is held out)", "",
-        "| model | design (mean synthetic AUROC: " + " / ".join(VARIANTS) + ") | ID test flagged | far-OOD min AUROC (set) | target met |",
-        "|---|---|---:|---|:---:|",
+        "| model | design (mean synthetic AUROC now: " + " / ".join(VARIANTS) + ") | threshold set: n (flagged: out-of-fold train / val) "
+        "| ID test flagged | far-OOD min AUROC (set) | target met |",
+        "|---|---|---|---:|---|:---:|",
     ]
     for r in results:
         far = {k: v for k, v in r["sets"].items() if v["kind"] == "far-OOD"}
         worst = min(far, key=lambda k: far[k]["auroc"])
         syn = " / ".join(f"{r['designs'][v]['synthetic_mean_auroc']:.3f}" for v in VARIANTS)
-        lines.append(f"| {r['model']} | {r['shipped_design']} ({syn}) | {pct(r['in_distribution']['flagged'])} | "
+        kept = "" if r["synthetic_choice_now"] == r["shipped_design"] else f"; kept from the card, the figures now pick {r['synthetic_choice_now']}"
+        tset = f"{r['ood']['n_threshold_set']} (" + " / ".join(pct(p["flag_rate"]) for p in r["ood"]["threshold_set_parts"]) + ")"
+        lines.append(f"| {r['model']} | {r['shipped_design']} ({syn}{kept}) | {tset} | {pct(r['in_distribution']['flagged'])} | "
                      f"{far[worst]['auroc']:.4f} ({worst}) | {'yes' if r['meets_target'] else 'no'} |")
     lines += [
         "", "Synthetic corruptions (of up to the per-set number of val images): " + ", ".join(CORRUPTIONS)
@@ -311,6 +333,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--per-set", type=int, default=500)
     ap.add_argument("--no-write", action="store_true", help="fit into a temporary copy; leave the zoo untouched")
+    ap.add_argument("--reselect", action="store_true", help="ship the design the current synthetic figures pick, not the card's")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args()
     if not args.data_root.is_dir():
@@ -319,13 +342,14 @@ def main() -> None:
     results = []
     for m in shipped_models(ROOT / "recipes", only=args.only):
         t = time.time()
-        r = run_model(m, args.data_root, args.per_set, write=not args.no_write)
+        r = run_model(m, args.data_root, args.per_set, write=not args.no_write, reselect=args.reselect)
         results.append(r)
         print(f"{r['model']}: shipped {r['shipped_design']}, ID flagged {100 * r['in_distribution']['flagged']:.1f}%, "
               f"held-out min far AUROC {r['held_out_min_far_auroc']:.4f} (ID flag {100 * r['held_out_worst_id_flagged']:.1f}%), "
               + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in r["sets"].items()) + f" [{time.time() - t:.0f} s]", flush=True)
     meta = {"date": str(date.today()), "medsight_version": __version__, "seconds": time.time() - t0, "per_set": args.per_set,
-            "target_auroc": TARGET_AUROC, "target_id_flag_rate": TARGET_FLAG, "data_root": str(args.data_root)}
+            "target_auroc": TARGET_AUROC, "target_id_flag_rate": TARGET_FLAG, "data_root": str(args.data_root),
+            "threshold_rule": THRESHOLD_RULE_TEXT}
     (args.out / "results.json").write_text(json.dumps(jsonable({"meta": meta, "results": results}), indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results, meta))
     plot(results, args.out / "risk_coverage.png")

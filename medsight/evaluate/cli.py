@@ -96,12 +96,21 @@ def ood_fit_cmd(
     package: Annotated[Path, typer.Option("--model", "-m", help="model package DIRECTORY to add the detector to (written in place)")],
     data: DataOpt,
     split: Annotated[Optional[str], typer.Option(help="split to fit on (in-distribution training images)")] = "train",
-    val_split: Annotated[Optional[str], typer.Option(help="split to choose the threshold on ('' = hold out 20 percent of the fit split)")] = "val",
-    flag_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of threshold-split images allowed to be flagged")] = 0.01,
+    val_split: Annotated[Optional[str], typer.Option(help="validation split, part of the threshold set ('' = none: cross-fit uses "
+                                                      "the out-of-fold scores alone, val holds out 20 percent of the fit split)")] = "val",
+    flag_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of threshold-set images allowed to be flagged")] = 0.01,
     image_statistics: Annotated[bool, typer.Option("--image-statistics", help="also score image-level statistics "
                                                    "(colour, grey-level histogram) next to the network's layer statistics")] = False,
+    threshold_rule: Annotated[str, typer.Option(help="threshold set: 'cross-fit' = out-of-fold scores of the fit split pooled "
+                                                     "with the validation split; 'val' = the validation split alone")] = "cross-fit",
+    folds: Annotated[int, typer.Option(min=2, help="folds of the fit split for the cross-fitted threshold")] = 10,
 ) -> None:
-    """Fit the out-of-distribution detector and store it in the package (ood.safetensors + card.ood)."""
+    """Fit the out-of-distribution detector and store it in the package (ood.safetensors + card.ood).
+
+    The threshold flags at most --flag-rate of the threshold set; by default that set is the
+    fit split's out-of-fold scores (each image scored by a detector fitted on the other folds)
+    pooled with the validation split, far larger than a small validation split alone, and the
+    stored detector is one of the fold detectors (fitted on all folds but one)."""
     from medsight.io.datasets import load_dataset
     from medsight.models.package import read_card
     from medsight.predict.ood import BLOCKS, LAYERS, fit_ood
@@ -113,7 +122,8 @@ def ood_fit_cmd(
         labels = read_card(package).labels
         train = load_dataset(data, split, label_names=labels)
         val = load_dataset(data, val_split, label_names=labels) if val_split else None
-        info = fit_ood(package, train, val, val_flag_rate=flag_rate, blocks=BLOCKS if image_statistics else LAYERS)
-    except MedSightError as e:
+        info = fit_ood(package, train, val, val_flag_rate=flag_rate, blocks=BLOCKS if image_statistics else LAYERS,
+                       threshold_rule=threshold_rule, folds=folds)
+    except (MedSightError, ValueError) as e:
         _fail(e)
     print(json.dumps({"package": str(package), **info}, indent=2))

@@ -33,15 +33,38 @@ class). Which blocks a zoo model uses is chosen by ``benchmarks/ood`` with
 leave-one-modality-out selection (never on the modality it is scored on).
 
 Each block's scores are standardised by their mean and standard deviation on the
-validation split, and the OOD score is their sum. The two scores fail on
+threshold set (below), and the OOD score is their sum. The two scores fail on
 different data (Mahalanobis misses skin photos seen by a chest X-ray model,
 nearest neighbours miss grey images seen by the colour dermoscopy model), so the
 sum is more robust than either. Only the distance arithmetic is written here: no
 maintained library scores images against a stored mean/precision pair.
 
-The threshold is chosen on the validation split (images the network never trained
-on) so that at most ``val_flag_rate`` of in-distribution images are flagged
-(default 1%, half of a 2% budget, leaving room for sampling noise).
+The threshold is the score above which at most ``val_flag_rate`` of the threshold
+set lies (default 1%, half of a 2% budget, leaving room for sampling noise). Two
+rules choose the threshold set (``threshold_rule``):
+
+* ``"cross-fit"`` (the default): the training images are split into ``folds``
+  (default 10) seeded, class-stratified folds; scorers fitted on all folds but one
+  score the held-out fold, so every training image gets an *out-of-fold* score from
+  scorers that never saw it, just as a new image is scored by a stored detector
+  that never saw it. The stored detector is the fold-0 one (fitted on all folds but
+  fold 0, i.e. 90% of the training images), so every score in the threshold set
+  and every deployed score comes from scorers fitted on the same number of images:
+  over the seeded split their scores are equally distributed, so the threshold set's
+  quantile estimates the deployed flag rate. (Scorers fitted on all training images would score new images lower than
+  the out-of-fold ones, which come from scorers fitted on fewer: the k-th neighbour
+  is nearer in a larger bank and the Mahalanobis estimate is tighter. On Gaussian
+  data with 400 training images that rule flagged 0.4% of fresh images at a nominal
+  2%, 5 folds, tests/predict/test_ood.py.) The out-of-fold scores are pooled with
+  the validation images' scores (by the stored detector); the pool's raw scores
+  give the standardisation constants and its quantile the threshold. With a few
+  hundred training images and 78-87 validation images (BreastMNIST,
+  covid-chestxray) the pool is 5-8 times larger than val alone, whose 1% quantile
+  is simply its maximum. The network itself was trained on the training images;
+  the card records the flag rate of each part of the pool (out-of-fold training
+  images, val), so a difference between them is visible.
+* ``"val"``: the scorers are fitted on all training images and standardised and
+  thresholded on the validation split alone (the earlier rule).
 
 Storage: ``ood.safetensors`` in the package (class means, precision matrices, the
 nearest-neighbour bank of at most ``bank_size`` training images, standardisation
@@ -85,6 +108,10 @@ IMAGE_FEATURES = ("colourfulness", "grey_mean", "grey_std", *(f"grey_hist_{i}" f
 IMAGE_STAT_SIDE = 256
 SCORERS = ("mahalanobis", "knn")
 DEFAULT_VAL_FLAG_RATE = 0.01
+#: how the threshold set is built (see the module docstring); the first is the default
+THRESHOLD_RULES = ("cross-fit", "val")
+DEFAULT_THRESHOLD_RULE = "cross-fit"
+DEFAULT_FOLDS = 10
 DEFAULT_K = 10
 DEFAULT_BANK = 2000
 
@@ -262,26 +289,98 @@ def _check_blocks(blocks: Sequence[str]) -> tuple[str, ...]:
     return tuple(b for b in BLOCKS if b in blocks)  # canonical order
 
 
+def _fit_scorers(train: dict[str, np.ndarray], y: np.ndarray, blocks: tuple[str, ...], k: int, bank_size: int,
+                 rng: np.random.Generator) -> dict[str, LayerScorer]:
+    # image statistics do not depend on the class: one pooled mean
+    return {name: LayerScorer.fit(train[name], np.zeros_like(y) if name == IMAGE else y, k, bank_size, rng) for name in blocks}
+
+
+def _raw(layers: dict[str, LayerScorer], stats: dict[str, np.ndarray], blocks: tuple[str, ...]) -> np.ndarray:
+    return np.stack([layers[name].raw(stats[name]) for name in blocks], axis=1)
+
+
+def fold_assignment(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Seeded, class-stratified fold (0 .. folds - 1) of every training image; fold sizes differ by at most one."""
+    y = np.asarray(y)
+    rng = np.random.default_rng([seed, 2718])  # a stream of its own, apart from the neighbour banks' draws
+    fold = np.empty(len(y), dtype=int)
+    offset = 0
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = (np.arange(len(idx)) + offset) % folds  # round robin continued across classes
+        offset += len(idx)
+    return fold
+
+
+def _cross_fit(train: dict[str, np.ndarray], y: np.ndarray, blocks: tuple[str, ...], folds: int, k: int, bank_size: int,
+               seed: int) -> tuple[dict[str, LayerScorer], np.ndarray, np.ndarray]:
+    """(scorers fitted on all folds but fold 0, fold of every image, (N, L, 2) out-of-fold raw scores)."""
+    fold = fold_assignment(y, folds, seed)
+    raw = np.empty((len(y), len(blocks), len(SCORERS)))
+    first: dict[str, LayerScorer] = {}
+    for f in range(folds):
+        held = fold == f
+        fit_part = {name: train[name][~held] for name in blocks}
+        layers = _fit_scorers(fit_part, y[~held], blocks, k, bank_size, np.random.default_rng([seed, f + 1]))
+        raw[held] = _raw(layers, {name: train[name][held] for name in blocks}, blocks)
+        if f == 0:
+            first = layers
+    return first, fold, raw
+
+
+def out_of_fold_raw(train: dict[str, np.ndarray], y: np.ndarray, blocks: Sequence[str], folds: int = DEFAULT_FOLDS,
+                    k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0) -> np.ndarray:
+    """(N, L, 2) raw scores of every training image by scorers fitted on the other folds (:func:`fold_assignment`)."""
+    return _cross_fit(train, np.asarray(y), _check_blocks(blocks), folds, k, bank_size, seed)[2]
+
+
 def fit_detector(
-    train: dict[str, np.ndarray], y: np.ndarray, val: dict[str, np.ndarray], val_flag_rate: float = DEFAULT_VAL_FLAG_RATE,
+    train: dict[str, np.ndarray], y: np.ndarray, val: dict[str, np.ndarray] | None, val_flag_rate: float = DEFAULT_VAL_FLAG_RATE,
     k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0, blocks: Sequence[str] = LAYERS,
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE, folds: int = DEFAULT_FOLDS,
 ) -> tuple[OODDetector, np.ndarray]:
-    """Fit on training statistics, standardise and threshold on validation statistics; returns (detector, val scores)."""
+    """Fit on training statistics, standardise and threshold on the threshold set; returns (detector, threshold-set scores).
+
+    ``threshold_rule="cross-fit"``: the training images are split into ``folds``
+    class-stratified folds (:func:`fold_assignment`); the threshold set is every training
+    image's out-of-fold score followed by the scores of ``val`` (optional; None = the
+    out-of-fold scores alone), in that order, and the stored scorers are the fold-0
+    detector's (fitted on all folds but fold 0), so that every score in the threshold
+    set and every deployed score comes from scorers fitted on the same number of images
+    the score's image is not among. ``"val"``: the scorers are fitted on all of
+    ``train`` and the threshold set is ``val``. ``val_flag_rate``: the share of the
+    threshold set that may lie above the threshold.
+    """
     blocks = _check_blocks(blocks)
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"OOD threshold rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
+    y = np.asarray(y)
     if len(y) < 2:
         raise DataSetError("fitting an OOD detector needs at least two training images")
-    if len(val[blocks[0]]) < 2:
-        raise DataSetError("choosing an OOD threshold needs at least two validation images")
-    rng = np.random.default_rng(seed)
-    y = np.asarray(y)
-    # image statistics do not depend on the class: one pooled mean
-    layers = {name: LayerScorer.fit(train[name], np.zeros_like(y) if name == IMAGE else y, k, bank_size, rng) for name in blocks}
-    raw = np.stack([layers[name].raw(val[name]) for name in blocks], axis=1)
+    bad = [name for name in blocks if len(train[name]) != len(y)]
+    if bad:
+        raise ValueError(f"OOD training statistics of {bad} do not have one row per label ({len(y)})")
+    if threshold_rule == "val":
+        if val is None or len(val[blocks[0]]) < 2:
+            raise DataSetError("choosing an OOD threshold on the validation split needs at least two validation images")
+        layers = _fit_scorers(train, y, blocks, k, bank_size, np.random.default_rng(seed))
+        parts = [_raw(layers, val, blocks)]
+    else:
+        if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+            raise ValueError(f"a cross-fitted OOD threshold needs at least 2 folds, got {folds!r}")
+        if len(y) < 2 * folds:
+            raise DataSetError(f"a {folds}-fold cross-fitted OOD threshold needs at least {2 * folds} training images "
+                               f"(two per fold), got {len(y)}; use fewer folds or threshold_rule='val'")
+        if val is not None and len(val[blocks[0]]) == 0:
+            raise DataSetError("the OOD validation set is empty; pass None to threshold on the out-of-fold training scores alone")
+        layers, _, oof = _cross_fit(train, y, blocks, folds, k, bank_size, seed)
+        parts = [oof] if val is None else [oof, _raw(layers, val, blocks)]
+    raw = np.concatenate(parts)
     std = raw.std(axis=0)
     det = OODDetector(layers, raw.mean(axis=0), np.where(std > 0, std, 1.0), threshold=0.0, blocks=blocks)
-    val_scores = det.score_statistics(val)
-    det.threshold = threshold_for_flag_rate(val_scores, val_flag_rate)
-    return det, val_scores
+    scores = ((raw - det.z_mean[None]) / det.z_std[None]).sum(axis=(1, 2))
+    det.threshold = threshold_for_flag_rate(scores, val_flag_rate)
+    return det, scores
 
 
 # -- packages -------------------------------------------------------------------------------
@@ -294,32 +393,51 @@ def fit_ood(
     package_dir: str | Path, train_ds: LabeledDataset, val_ds: LabeledDataset | None = None,
     val_flag_rate: float = DEFAULT_VAL_FLAG_RATE, k: int = DEFAULT_K, bank_size: int = DEFAULT_BANK, seed: int = 0,
     blocks: Sequence[str] = LAYERS, selection: dict[str, Any] | None = None,
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE, folds: int = DEFAULT_FOLDS,
 ) -> dict[str, Any]:
-    """Fit the detector on ``train_ds``, standardise/threshold on ``val_ds``, store it in the package.
+    """Fit the detector on ``train_ds``, standardise/threshold on the threshold set, store it in the package.
+
+    The threshold set (``threshold_rule``, see the module docstring): ``"cross-fit"``
+    (default) pools the out-of-fold scores of ``train_ds`` (``folds`` folds) with the
+    scores of ``val_ds`` (when given), and the stored detector is fitted on all folds
+    but fold 0; ``"val"`` fits on all of ``train_ds`` and uses ``val_ds`` alone, or without
+    ``val_ds`` a seeded 20% of the training images held out of the fit (weaker,
+    because the network has seen those images).
 
     Writes ``ood.safetensors`` and the card's ``ood`` field only (weights, calibration
     and metrics are untouched; the card is re-read just before writing so concurrent
-    edits of other fields survive). Without ``val_ds`` a seeded 20% of the training
-    images is held out of the fit for the standardisation and threshold; that is
-    weaker, because the network has seen those images, so pass a validation split
-    when there is one. ``blocks``: which statistics are scored (:data:`BLOCKS`; adding
-    ``"image"`` makes the score use the images too); ``selection``: how they were
-    chosen, recorded in the card. Returns the new ``card.ood`` dict.
+    edits of other fields survive). ``blocks``: which statistics are scored
+    (:data:`BLOCKS`; adding ``"image"`` makes the score use the images too);
+    ``selection``: how they were chosen, recorded in the card. The card records the
+    threshold set's name and size and, per part of it, its size and flag rate.
+    Returns the new ``card.ood`` dict.
     """
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"OOD threshold rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
     d = Path(package_dir)
     pkg = load_package(d)
     stats, keep = dataset_statistics(pkg, train_ds)
     y = _class_targets(train_ds)[keep]
-    if val_ds is None:
+    val_stats = dataset_statistics(pkg, val_ds)[0] if val_ds is not None else None
+    train_stats = stats
+    parts: list[tuple[str, int]] = []  # (name, n) of each part of the threshold set, in score order
+    if threshold_rule == "val" and val_ds is None:
         order = np.random.default_rng(seed).permutation(len(y))
         n_hold = max(2, len(y) // 5)
         hold, fit_idx = order[:n_hold], order[n_hold:]
         train_stats, val_stats = {kk: v[fit_idx] for kk, v in stats.items()}, {kk: v[hold] for kk, v in stats.items()}
-        y, threshold_set = y[fit_idx], f"{train_ds.name} (seeded 20% held out of the fit)"
+        y = y[fit_idx]
+        parts.append((f"{train_ds.name} (seeded 20% held out of the fit)", len(hold)))
     else:
-        train_stats, (val_stats, _) = stats, dataset_statistics(pkg, val_ds)
-        threshold_set = val_ds.name
-    det, val_scores = fit_detector(train_stats, y, val_stats, val_flag_rate, k, bank_size, seed, blocks)
+        if threshold_rule == "cross-fit":
+            parts.append((f"{train_ds.name} out-of-fold ({folds} class-stratified folds, seed {seed})", len(y)))
+        if val_ds is not None:
+            parts.append((val_ds.name, len(val_stats[IMAGE])))
+    det, scores = fit_detector(train_stats, y, val_stats, val_flag_rate, k, bank_size, seed, blocks, threshold_rule, folds)
+    n_fit = int(len(y)) if threshold_rule == "val" else int(np.sum(fold_assignment(y, folds, seed) != 0))
+    flagged = scores > det.threshold
+    bounds = np.cumsum([0] + [n for _, n in parts])
+    assert bounds[-1] == len(scores)
     ood_path = d / OOD_FILE
     _atomic_save(_to_arrays(det), ood_path)
     info = {
@@ -336,14 +454,21 @@ def fit_ood(
         "k": k,
         "bank_size": int(len(det.layers[det.blocks[0]].bank)),
         "fitted_on": train_ds.name,
-        "n_fit": int(len(y)),
-        "threshold_set": threshold_set,
-        "n_threshold_set": int(len(val_scores)),
+        "n_fit": n_fit,
+        "threshold_rule": threshold_rule,
+        "threshold_set": " + ".join(name for name, _ in parts),
+        "n_threshold_set": int(len(scores)),
+        "threshold_set_parts": [{"name": name, "n": int(n), "flag_rate": float(flagged[lo:hi].mean())}
+                                for (name, n), lo, hi in zip(parts, bounds[:-1], bounds[1:])],
         "target_flag_rate": val_flag_rate,
-        "flag_rate_on_threshold_set": float(np.mean(val_scores > det.threshold)),
+        "flag_rate_on_threshold_set": float(flagged.mean()),
         "fitted": str(date.today()),
         "medsight_version": __version__,
     }
+    if threshold_rule == "cross-fit":
+        info["folds"] = folds
+        info["fit_subset"] = (f"all training images but fold 0 of {folds} ({n_fit} of {len(y)}), so the stored detector is fitted "
+                              "on as many images as each detector that gave an out-of-fold score")
     if selection is not None:
         info["selection"] = selection
     card = read_card(d)

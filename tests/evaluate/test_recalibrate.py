@@ -106,7 +106,8 @@ def test_cli_calibrate_with_ood_fit_and_refusal(tiny_package, tiny_npz, tmp_path
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["base_model"] == "tiny@1.0.0"
     card = read_card(tmp_path / "v2")
-    assert card.version == "1.0.1-site" and card.ood["fitted_on"] == "shapes:train" and card.ood["threshold_set"] == "shapes:val"
+    assert card.version == "1.0.1-site" and card.ood["fitted_on"] == "shapes:train"
+    assert card.ood["threshold_rule"] == "cross-fit" and card.ood["threshold_set"].endswith(" + shapes:val")
     assert medsight.load_model(tmp_path / "v2").ood is not None
     r = CliRunner().invoke(app, ["calibrate", "-m", str(tiny_package), "-d", str(tiny_npz), "--out", str(tiny_package)])
     assert r.exit_code == 2 and "never overwrites the original" in r.output
@@ -118,6 +119,14 @@ def test_cli_ood_fit_in_place_and_refuses_names(tiny_package, tiny_npz, tmp_path
     r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--flag-rate", "0.02"])
     assert r.exit_code == 0, r.output
     assert read_card(d).ood["target_flag_rate"] == 0.02 and (d / "ood.safetensors").is_file()
+    assert read_card(d).ood["threshold_rule"] == "cross-fit" and read_card(d).ood["n_threshold_set"] == 150  # 100 out-of-fold + 50 val
+    r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--threshold-rule", "val"])
+    assert r.exit_code == 0, r.output
+    assert read_card(d).ood["threshold_set"] == "shapes:val" and read_card(d).ood["n_threshold_set"] == 50
+    r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--threshold-rule", "test"])
+    assert r.exit_code == 2 and "threshold rule must be one of" in r.output
+    r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--folds", "60"])
+    assert r.exit_code == 2 and "needs at least 120 training images" in r.output
     assert read_card(d).ood["layers"] == ["stem", "layer1", "layer2"]
     r = CliRunner().invoke(app, ["ood", "fit", "-m", str(d), "-d", str(tiny_npz), "--image-statistics"])
     assert r.exit_code == 0, r.output
