@@ -199,8 +199,13 @@ def retry_cmd(
 
 @dicom_app.command("pull")
 def pull_cmd(
-    url: Annotated[str, typer.Option("--url", help="DICOMweb base URL (QIDO-RS/WADO-RS)")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the retrieved instances")],
+    url: Annotated[Optional[str], typer.Option("--url", help="DICOMweb base URL (QIDO-RS/WADO-RS)")] = None,
+    pacs: Annotated[Optional[str], typer.Option("--from", help="PACS as AE@host:port: C-FIND to search, C-GET to retrieve")] = None,
+    aet: Annotated[str, typer.Option("--aet", help="with --from: our (calling) AE title, as the PACS knows it")] = "MEDSIGHT",
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Study Instance UID (default: search with the filters)")] = None,
     modality: Annotated[Optional[str], typer.Option("--modality", help="QIDO filter: ModalitiesInStudy")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 10,
@@ -209,8 +214,13 @@ def pull_cmd(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "-d", help="with --queue: the service's data folder")] = None,
     settings_file: Annotated[Optional[Path], typer.Option("--settings", help="with --queue: JSON file of service settings")] = None,
 ) -> None:
-    """Pull studies from a DICOMweb server (QIDO-RS search, WADO-RS retrieve), optionally queueing them for analysis."""
+    """Pull studies from a PACS (DICOMweb: QIDO-RS/WADO-RS, or DIMSE: C-FIND/C-GET), optionally queueing them for analysis."""
     from medsight.dicom.dicomweb import DicomWebSource
+    from medsight.dicom.qr import DimseSource
+    from medsight.dicom.sender import DimseDestination, parse_destination
+
+    if (url is None) == (pacs is None):
+        _fail(ValueError("give exactly one source: --url (DICOMweb) or --from AE@host:port (C-FIND/C-GET)"))
 
     callback = ctx = None
     try:
@@ -221,17 +231,24 @@ def pull_cmd(
 
             ctx = ServiceContext.build(load_settings(data_dir, settings_file))
             callback = ServiceStudyCallback(ctx, model=model)
-        src = DicomWebSource(url)
+        if url is not None:
+            src = DicomWebSource(url)
+        else:
+            dest = parse_destination(pacs, tls=_tls(tls_cert, tls_key, tls_ca, server=False))
+            if not isinstance(dest, DimseDestination):
+                raise ValueError(f"--from takes AE@host:port; for a DICOMweb URL use --url {pacs}")
+            src = DimseSource(dest, calling_aet=aet)
         uids = [study] if study else [s.study_instance_uid for s in src.search_studies(modality=modality, limit=limit)]
+        origin = "DICOMWEB" if url is not None else src.dest.ae_title
         for uid in uids:
-            paths = src.retrieve_study(uid, out_dir / uid)
+            paths = src.retrieve_study(uid, out_dir)  # -> out_dir/<study>/<sop>.dcm
             line = f"{uid}: {len(paths)} instances -> {out_dir / uid}"
             if callback is not None:
                 from medsight.dicom.listener import ReceivedStudy
 
-                line += f"; {callback(ReceivedStudy(uid, paths, {'DICOMWEB'}))}"
+                line += f"; {callback(ReceivedStudy(uid, paths, {origin}))}"
             err.print(line, highlight=False, soft_wrap=True)
-    except MedSightError as e:
+    except (MedSightError, ValueError) as e:
         _fail(e)
     finally:
         if ctx is not None:

@@ -240,6 +240,53 @@ def test_dicomweb_pull_and_stow_against_orthanc(round_trip, tmp_path: Path) -> N
     assert len(after) == len(round_trip["instances"]) + 1
 
 
+def test_cfind_and_cget_pull_from_orthanc(round_trip, tmp_path: Path) -> None:
+    """Classic Query/Retrieve for a PACS without DICOMweb: C-FIND finds the study, C-GET brings every
+    instance back on the same association (Orthanc knows our AE title as the 'medsight' modality)."""
+    from medsight.dicom.qr import DimseSource
+    from medsight.dicom.sender import DimseDestination
+    from medsight.errors import DicomGatewayError
+
+    in_pacs = round_trip["pacs"].get(f"/studies/{round_trip['orthanc_study']}/instances")  # now, after other tests stored more
+    pacs = DimseDestination("ORTHANC", "127.0.0.1", round_trip["pacs"].dicom_port)
+    source = DimseSource(pacs, calling_aet="MEDSIGHT", timeout=30)
+    studies = source.search_studies(modality="CT")
+    found = next(s for s in studies if s.study_instance_uid == round_trip["study_uid"])
+    assert {"CT", "SR"} <= set(found.modalities) and found.n_instances == len(in_pacs)
+    assert source.search_studies(modality="MG") == []
+    paths = source.retrieve_study(round_trip["study_uid"], tmp_path / "pulled")
+    assert all(p.parent == tmp_path / "pulled" / round_trip["study_uid"] for p in paths)
+    pulled = [read(p) for p in paths]
+    assert sorted(str(ds.SOPInstanceUID) for ds in pulled) == sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in in_pacs)
+    ct = {ds.SOPInstanceUID: ds for ds in pulled if ds.Modality == "CT"}
+    for name in CT_STUDY:
+        original = read(DATA / name)
+        assert ct[original.SOPInstanceUID].PixelData == original.PixelData
+    # an AE title Orthanc does not know is refused: a clear error, not an empty result
+    with pytest.raises(DicomGatewayError, match="C-FIND"):
+        DimseSource(pacs, calling_aet="STRANGER", timeout=10).search_studies(modality="CT")
+
+
+def test_cli_pull_with_cget_queues_the_study(round_trip, models_dir, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medsight.cli import app
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"model_paths": [str(models_dir)], "use_zoo": False, "default_models": {"CT": "tiny-xr"}}))
+    pacs = f"ORTHANC@127.0.0.1:{round_trip['pacs'].dicom_port}"
+    in_pacs = round_trip["pacs"].get(f"/studies/{round_trip['orthanc_study']}/instances")
+    r = CliRunner().invoke(app, ["dicom", "pull", "--from", pacs, "--modality", "CT", "--out", str(tmp_path / "pulled"),
+                                 "--queue", "--data-dir", str(tmp_path / "svc"), "--settings", str(settings)])
+    assert r.exit_code == 0, r.output
+    assert f"{round_trip['study_uid']}: {len(in_pacs)} instances" in r.output
+    assert "queued as study 1 (tiny-xr" in r.output
+    r = CliRunner().invoke(app, ["dicom", "pull", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "exactly one source" in r.output
+    r = CliRunner().invoke(app, ["dicom", "pull", "--from", "http://pacs/dicom-web", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--url" in r.output
+
+
 @pytest.mark.skipif(DICOMWEB_PLUGIN is None, reason="orthanc-dicomweb plugin is not installed")
 def test_cli_pull_queues_the_study_in_a_service_without_our_own_results(round_trip, models_dir, tmp_path: Path) -> None:
     from sqlalchemy import select
