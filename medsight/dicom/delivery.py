@@ -39,6 +39,7 @@ class OutputSettings(BaseModel):
     fhir_url: str | None = Field(default=None, description="FHIR R4 server base URL for the DiagnosticReport transaction")
     dicom_tls: TlsSettings | None = Field(default=None, description="C-STORE over TLS: CA to verify the PACS, our certificate if it requires one")
     hl7_destination: str | None = Field(default=None, description="RIS MLLP listener, host:port")
+    institution_name: str | None = Field(default=None, description="the site's name; Verifying Organization of reviewed SRs")
     hl7_sending_facility: str = "HOSPITAL"
     hl7_receiving_application: str = "RIS"
     timeout_s: float = Field(default=30.0, gt=0)
@@ -63,6 +64,10 @@ class OutputSettings(BaseModel):
 
             parse_mllp_destination(v)
         return v or None
+
+    @property
+    def organization(self) -> str:
+        return self.institution_name or self.hl7_sending_facility
 
     def destination(self, channel: str) -> str | None:
         return {"dicom": self.dicom_destination, "fhir": self.fhir_url, "hl7": self.hl7_destination}[channel]

@@ -40,6 +40,29 @@ class AnalysedImage:
         return int(image.meta["frame_index"]) + 1
 
 
+@dataclass(frozen=True)
+class ReviewAttestation:
+    """A human reader's verdict on one analysed image, for the verified version of a result.
+
+    ``sop_instance_uid``: the reviewed source image; ``label``: the reader's finding (one of
+    the model's labels); ``action``: "confirm" or "correct"; ``reviewer_name`` in DICOM PN
+    form ("Family^Given").
+    """
+
+    sop_instance_uid: str
+    label: str
+    action: str
+    reviewer_name: str
+    organization: str
+    note: str = ""
+
+    def statement(self, model_label: str) -> str:
+        verdict = (f"confirmed the model's finding '{model_label}'" if self.action == "confirm"
+                   else f"corrected the model's finding '{model_label}' to '{self.label}'")
+        text = f"Reviewed by {self.reviewer_name.replace('^', ' ').strip()}: {verdict}."
+        return f"{text} Note: {self.note}" if self.note else text
+
+
 def model_name_version(prediction: Prediction) -> tuple[str, str]:
     name, _, version = prediction.model.partition("@")
     return name, version or "unknown"

@@ -20,11 +20,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medsight._version import __version__
+from medsight.errors import ResultExportError
 from medsight.dicom.results import (
     CODING_SCHEME,
     DISCLAIMER,
     MANUFACTURER,
     AnalysedImage,
+    ReviewAttestation,
     carry_deidentification,
     check_one_study,
     label_code,
@@ -40,7 +42,9 @@ YES, NO = CodedConcept("373066001", "SCT", "Yes"), CodedConcept("373067005", "SC
 CONFIDENCE = CodedConcept("CONFIDENCE", CODING_SCHEME, "Calibrated confidence of reported finding")
 REFER = CodedConcept("REFER", CODING_SCHEME, "Refer to human reader")
 OOD = CodedConcept("OOD-SCORE", CODING_SCHEME, "Out-of-distribution score")
+READER_FINDING = CodedConcept("READER-FINDING", CODING_SCHEME, "Finding of the human reader")
 SR_SERIES_OFFSET = 900
+REVIEWED_SR_SERIES_OFFSET = 910
 
 
 def finding_concept(label: str) -> CodedConcept:
@@ -53,25 +57,40 @@ def probability_concept(label: str) -> CodedConcept:
 
 def build_sr(images: Sequence[AnalysedImage], series_instance_uid: str | None = None,
              sop_instance_uid: str | None = None, series_number: int | None = None,
-             institution_name: str | None = None) -> hd.sr.ComprehensiveSR:
-    """The study's AI result as a Comprehensive SR with a TID 1500 Measurement Report."""
+             institution_name: str | None = None, review: ReviewAttestation | None = None,
+             predecessor: Dataset | None = None) -> hd.sr.ComprehensiveSR:
+    """The study's AI result as a Comprehensive SR with a TID 1500 Measurement Report.
+
+    Without ``review`` the SR is the machine's preliminary, unverified result. With it, it is the
+    verified version a reader signed off: Completion/Verification Flags COMPLETE/VERIFIED, the
+    reader as Verifying Observer, Preliminary Flag FINAL, the reader's finding as a coded
+    evaluation in the reviewed image's group, and ``predecessor`` (the preliminary SR) in the
+    Predecessor Documents Sequence so a PACS viewer shows which report it supersedes.
+    """
     check_one_study(images)
+    if review is not None and review.sop_instance_uid not in {str(a.source.get("SOPInstanceUID", "")) for a in images}:
+        raise ResultExportError(f"the reviewed image {review.sop_instance_uid} is not among the analysed images")
     name, version = model_name_version(images[0].prediction)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(), name=f"{MANUFACTURER} {name}"[:64], manufacturer_name=MANUFACTURER, model_name=f"{name} {version}"[:64])
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    groups = [_group(i, a, name, version) for i, a in enumerate(images, start=1)]
+    groups = [_group(i, a, name, version, review) for i, a in enumerate(images, start=1)]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=IMAGING_PROCEDURE,
                                      imaging_measurements=groups, title=codes.cid7021.ImagingMeasurementReport)
+    verified = {"is_final": False, "is_verified": False} if review is None else {
+        "is_final": True, "is_verified": True, "verifying_observer_name": review.reviewer_name,
+        "verifying_organization": review.organization,
+        "previous_versions": [predecessor] if predecessor is not None else None}
     sr = hd.sr.ComprehensiveSR(
         evidence=[a.source for a in images], content=report[0],
         series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number or next_series_number(images, SR_SERIES_OFFSET),
+        series_number=series_number or next_series_number(
+            images, SR_SERIES_OFFSET if review is None else REVIEWED_SR_SERIES_OFFSET),
         sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1,
-        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        institution_name=institution_name, series_description=f"{DISCLAIMER} ({name})"[:64],
-        software_versions=f"medsight {__version__}",
+        manufacturer=MANUFACTURER, is_complete=True, institution_name=institution_name,
+        series_description=(f"{DISCLAIMER} ({name})" if review is None else f"AI result reviewed by a reader ({name})")[:64],
+        software_versions=f"medsight {__version__}", **verified,
     )
     sr.CodingSchemeIdentificationSequence = [local_coding_scheme()]
     carry_deidentification(sr, images[0].source)
@@ -87,8 +106,10 @@ def local_coding_scheme() -> Dataset:
     return item
 
 
-def _group(index: int, analysed: AnalysedImage, name: str, version: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _group(index: int, analysed: AnalysedImage, name: str, version: str,
+           review: ReviewAttestation | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     p = analysed.prediction
+    reviewed = review is not None and review.sop_instance_uid == str(analysed.source.get("SOPInstanceUID", ""))
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, manufacturer=MANUFACTURER)
     measurements = [
         hd.sr.Measurement(name=probability_concept(label), value=float(prob), unit=NO_UNITS)
@@ -103,14 +124,16 @@ def _group(index: int, analysed: AnalysedImage, name: str, version: str) -> hd.s
         finding_type=finding_concept(p.label),
         algorithm_id=algorithm,
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(REFER, YES if p.refer else NO)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(REFER, YES if p.refer else NO)]
+        + ([hd.sr.QualitativeEvaluation(READER_FINDING, finding_concept(review.label))] if reviewed else []),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
             analysed.source, referenced_frame_numbers=[frame] if frame else None)],
     )
     # TID 1501 has no free-text row; a TEXT "Comment" under the group container
     # is valid Comprehensive SR content and is where readers look for prose.
     container = group[0]
-    for text in (p.statement, DISCLAIMER):
+    texts = (p.statement, DISCLAIMER, *((review.statement(p.label),) if reviewed else ()))
+    for text in texts:
         container.ContentSequence.append(hd.sr.TextContentItem(name=COMMENT, value=text[:1024], relationship_type="CONTAINS"))
     return group
 

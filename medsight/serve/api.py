@@ -50,7 +50,8 @@ from medsight.serve.config import ServiceSettings
 from medsight.serve.context import ServiceContext
 from medsight.serve.db import ROLES, AuditEvent, Instance, Job, Result, Review, Study, User
 from medsight.serve.ingest import UploadRequest, ingest
-from medsight.serve.reviews import ReviewError, agreement, create_review, review_dict
+from medsight.serve.reviewed_report import submit_review
+from medsight.serve.reviews import ReviewError, agreement, review_dict
 from medsight.serve.views import study_detail
 from medsight.serve.worklist import worklist
 
@@ -342,7 +343,7 @@ def api_router() -> APIRouter:
     def post_review(study_id: int, body: ReviewBody, ctx: Ctx, p: Annotated[Principal, Depends(RADIOLOGIST)]) -> dict[str, Any]:
         """Confirm or correct the model's findings. A later review never replaces an earlier one."""
         with ctx.db.session() as s:
-            rev = create_review(s, study_id, p.actor, body.label, body.findings, body.note, body.result_id)
+            rev = submit_review(ctx, s, study_id, p.actor, body.label, body.findings, body.note, body.result_id)
             return review_dict(rev)
 
     @r.get("/api/studies/{study_id}/reviews", tags=["reviews"], openapi_extra=CLINICAL.openapi)

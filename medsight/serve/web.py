@@ -23,7 +23,8 @@ from medsight.serve import audit as audit_log
 from medsight.serve.auth import COOKIE, Principal, Require, UserError, create_user, revoke_token
 from medsight.serve.config import KNOWN_MODALITIES, PRIORITIES
 from medsight.serve.db import ROLES, STUDY_STATUSES, AuditEvent, User
-from medsight.serve.reviews import ReviewError, agreement, create_review
+from medsight.serve.reviewed_report import submit_review
+from medsight.serve.reviews import ReviewError, agreement
 from medsight.serve.views import study_detail
 
 HERE = Path(__file__).resolve().parent
@@ -142,7 +143,7 @@ def web_router() -> APIRouter:
         ctx = request.app.state.ctx
         try:
             with ctx.db.session() as s:
-                create_review(s, study_id, p.actor, label, findings if label is None else None,
+                submit_review(ctx, s, study_id, p.actor, label, findings if label is None else None,
                               str(form.get("note", "")), result_id)
         except ReviewError as e:
             raise HTTPException(422, str(e)) from None

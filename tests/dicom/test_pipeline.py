@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from medsight.dicom.listener import ListenerConfig, ReceivedStudy, StorageSCP
 from medsight.dicom.pipeline import ServiceStudyCallback, analysable_instances, is_own_output, requested_priority
-from medsight.serve.db import AuditEvent, Job, Result, Study
+from medsight.serve.db import AuditEvent, Instance, Job, Result, Study
 
 from .conftest import CT_STUDY, DATA, read, run_jobs, service_context
 from .test_listener import wait_for
@@ -205,3 +205,56 @@ def test_inbox_copy_is_removed_once_the_service_holds_the_study_and_a_resend_is_
     again = InstanceStore(inbox)
     assert not again.due_studies(0.0)
     assert again.study_files(read(DATA / CT_STUDY[0]).StudyInstanceUID) == (sorted(inbox_files) if keep else [])
+
+
+def test_a_readers_correction_reaches_the_pacs_as_a_verified_sr_superseding_the_preliminary_one(tmp_path: Path,
+                                                                                                 models_dir: Path) -> None:
+    import highdicom as hd
+
+    from medsight.serve.audit import Actor
+    from medsight.serve.auth import create_user
+    from medsight.serve.reviewed_report import submit_review
+
+    receiver = pacs(tmp_path)
+    ctx = service_context(tmp_path, models_dir, outputs={"dicom_destination": f"PACS@127.0.0.1:{receiver.port}",
+                                                         "institution_name": "General Hospital", "send_overlays": False})
+    try:
+        ServiceStudyCallback(ctx)(ReceivedStudy(read(DATA / CT_STUDY[0]).StudyInstanceUID, [DATA / n for n in CT_STUDY], {"PACS"}))
+        assert run_jobs(ctx) == 2
+        preliminary = receiver.received()
+        assert [str(ds.VerificationFlag) for ds in preliminary] == ["UNVERIFIED"]
+        with ctx.db.session() as s:
+            user = create_user(s, "ruth", "a-long-enough-password-1", "radiologist", full_name="Reader^Ruth")
+            result = s.execute(select(Result).order_by(Result.id)).scalars().first()
+            other = next(lab for lab in result.labels if lab != result.label)
+            review = submit_review(ctx, s, result.study_id, Actor("ruth", "radiologist", user.id), label=other,
+                                   note="motion artefact", result_id=result.id)
+            assert review.action == "correct"
+            instance_uid = s.get(Instance, result.instance_id).sop_instance_uid
+        assert run_jobs(ctx) == 1  # the verified SR's delivery
+        verified = next(ds for ds in receiver.received() if ds.SOPInstanceUID != preliminary[0].SOPInstanceUID)
+    finally:
+        receiver.stop()
+    assert verified.StudyInstanceUID == preliminary[0].StudyInstanceUID
+    assert (verified.VerificationFlag, verified.PreliminaryFlag) == ("VERIFIED", "FINAL")
+    assert str(verified.VerifyingObserverSequence[0].VerifyingObserverName) == "Reader^Ruth"
+    assert verified.VerifyingObserverSequence[0].VerifyingOrganization == "General Hospital"
+    assert [i.ReferencedSOPInstanceUID for s in verified.PredecessorDocumentsSequence for se in s.ReferencedSeriesSequence
+            for i in se.ReferencedSOPSequence] == [preliminary[0].SOPInstanceUID]
+    groups = hd.sr.ComprehensiveSR.from_dataset(verified).content.get_image_measurement_groups()
+    by_image = {g.source_images[0].referenced_sop_instance_uid: g for g in groups}
+    assert {e.name.meaning: e.value.meaning for e in by_image[instance_uid].get_qualitative_evaluations()}[
+        "Finding of the human reader"] == other
+    try:
+        with ctx.db.session() as s:
+            deliveries = [j for j in jobs(ctx, "deliver")]
+            assert [j.status for j in deliveries] == ["done", "done"] and deliveries[1].payload["review"] == review.id
+            # a PNG upload has no PACS study: its review queues nothing
+            from medsight.serve.db import Study as StudyRow
+
+            study = s.get(StudyRow, result.study_id)
+            study.source_format = "png"
+            submit_review(ctx, s, study.id, Actor("ruth", "radiologist", user.id), label=result.label, result_id=result.id)
+        assert len(jobs(ctx, "deliver")) == 2
+    finally:
+        ctx.close()

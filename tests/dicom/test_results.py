@@ -22,7 +22,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, ge
 
 from medsight.dicom.fhir import build_fhir_bundle, post_bundle
 from medsight.dicom.hl7 import build_oru_r01, to_er7
-from medsight.dicom.results import DISCLAIMER, AnalysedImage
+from medsight.dicom.results import DISCLAIMER, AnalysedImage, ReviewAttestation
 from medsight.dicom.secondary_capture import build_overlay_sc, build_overlay_series, render_overlay
 from medsight.dicom.sr import build_sr
 from medsight.errors import ResultExportError
@@ -97,6 +97,42 @@ def test_dciodvfy_finds_no_error_in_sr(sr_file: Path) -> None:
     out = subprocess.run([tool("dciodvfy"), str(sr_file)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+
+
+def test_reviewed_sr_is_verified_by_the_reader_and_supersedes_the_preliminary_one(ct_study, tmp_path: Path) -> None:
+    preliminary = build_sr(ct_study)
+    reviewed_image = ct_study[1]
+    model_label = reviewed_image.prediction.label
+    other = next(lab for lab in reviewed_image.prediction.probabilities if lab != model_label)
+    review = ReviewAttestation(str(reviewed_image.source.SOPInstanceUID), other, "correct", "Reader^Ruth", "General Hospital",
+                               note="artefact, not a finding")
+    ds = build_sr(ct_study, review=review, predecessor=preliminary)
+    path = tmp_path / "reviewed.dcm"
+    ds.save_as(path)
+    ds = read(path)
+    assert (ds.CompletionFlag, ds.VerificationFlag, ds.PreliminaryFlag) == ("COMPLETE", "VERIFIED", "FINAL")
+    observer = ds.VerifyingObserverSequence[0]
+    assert (str(observer.VerifyingObserverName), observer.VerifyingOrganization) == ("Reader^Ruth", "General Hospital")
+    assert ds.StudyInstanceUID == preliminary.StudyInstanceUID and ds.SOPInstanceUID != preliminary.SOPInstanceUID
+    pred_refs = [i.ReferencedSOPInstanceUID for s in ds.PredecessorDocumentsSequence
+                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
+    assert pred_refs == [preliminary.SOPInstanceUID]
+    groups = hd.sr.ComprehensiveSR.from_dataset(ds).content.get_image_measurement_groups()
+    for group, analysed in zip(groups, ct_study):
+        evaluations = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+        texts = [item.TextValue for item in group[0].ContentSequence if item.ValueType == "TEXT"]
+        if analysed is reviewed_image:  # the reader's finding and statement sit with the image they reviewed
+            assert evaluations["Finding of the human reader"] == other
+            assert f"Reviewed by Reader Ruth: corrected the model's finding '{model_label}' to '{other}'. Note: artefact, not a finding" in texts
+        else:
+            assert "Finding of the human reader" not in evaluations and not any(t.startswith("Reviewed by") for t in texts)
+        assert group.finding_type.meaning == analysed.prediction.label  # the model's own finding is kept as it was
+    out = subprocess.run([tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "VERIFIED" in out.stdout and "Finding of the human reader" in out.stdout
+    checked = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    assert not [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    with pytest.raises(ResultExportError, match="not among the analysed images"):
+        build_sr(ct_study, review=ReviewAttestation("1.2.3.4", other, "correct", "Reader^Ruth", "GH"))
 
 
 def test_sr_references_the_analysed_frame_of_a_multiframe_image(predictor) -> None:
