@@ -26,6 +26,7 @@ from medsight.dicom.results import (
     DISCLAIMER,
     MANUFACTURER,
     AnalysedImage,
+    ReviewAttestation,
     check_one_study,
     label_code,
     model_name_version,
@@ -120,6 +121,54 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 
 
+def build_reviewed_fhir_bundle(images: Sequence[AnalysedImage], review: ReviewAttestation,
+                               preliminary: dict | None = None, issued: dt.datetime | None = None) -> Bundle:
+    """The reader-verified DiagnosticReport: status ``final``, the reader as results interpreter.
+
+    With ``preliminary`` (the transaction Bundle sent after analysis, as JSON) the report is a
+    conditional update of that very report (``PUT DiagnosticReport?identifier=...``), so the
+    receiving system replaces the machine's preliminary report instead of holding two; its
+    ``result`` points at the preliminary Observations by their identifiers (conditional
+    references, resolved by the server). Without it, a new report is created.
+    """
+    check_one_study(images)
+    reviewed = next((a for a in images if str(a.source.get("SOPInstanceUID", "")) == review.sop_instance_uid), images[0])
+    issued = issued or dt.datetime.now(dt.timezone.utc)
+    if preliminary is None:
+        fresh = build_fhir_bundle(images, issued)
+        entries = [e.model_dump(exclude_none=True) for e in fresh.entry]
+        report = next(e["resource"] for e in entries if e["resource"]["resourceType"] == "DiagnosticReport")
+        target = next(e for e in entries if e["resource"] is report)
+    else:
+        entries = []
+        old = [e for e in preliminary.get("entry", []) if e.get("resource", {}).get("resourceType") == "DiagnosticReport"]
+        if len(old) != 1:
+            raise ResultExportError("the preliminary FHIR bundle holds no single DiagnosticReport to update")
+        report = {k: v for k, v in old[0]["resource"].items() if k not in ("id", "meta")}
+        obs_ids = [_result_identifier(e["resource"]) for e in preliminary["entry"]
+                   if e.get("resource", {}).get("resourceType") == "Observation"]
+        report["result"] = [{"reference": f"Observation?identifier={RESULT_ID_SYSTEM}|{v}"} for v in obs_ids]
+        target = {"fullUrl": _urn(), "resource": report}
+        entries.append(target)
+    ident = _result_identifier(report)
+    report.update({
+        "status": "final", "issued": issued.isoformat(),
+        "resultsInterpreter": [{"display": review.reviewer_name.replace("^", " ").strip()}],
+        "conclusion": f"{review.statement(reviewed.prediction.label)} Model: {reviewed.prediction.statement}",
+        "conclusionCode": [_finding(review.label)],
+    })
+    target["resource"] = DiagnosticReport.model_validate(report)
+    target["request"] = {"method": "PUT", "url": f"DiagnosticReport?identifier={RESULT_ID_SYSTEM}|{ident}"}
+    return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
+
+def _result_identifier(resource: dict) -> str:
+    try:
+        return next(i["value"] for i in resource.get("identifier", []) if i.get("system") == RESULT_ID_SYSTEM)
+    except StopIteration:
+        raise ResultExportError(f"a {resource.get('resourceType')} without a MedSight identifier cannot be updated") from None
+
+
 class FhirPostError(ResultExportError):
     """The FHIR server did not take the bundle; ``permanent`` when resending it cannot help (4xx but 408/429)."""
 
@@ -155,4 +204,4 @@ def post_bundle(bundle: Bundle | str | bytes, endpoint: str, timeout: float = 30
         return {}
 
 
-__all__ = ["build_fhir_bundle", "post_bundle", "bundle_json", "FhirPostError", "RESULT_ID_SYSTEM"]
+__all__ = ["build_fhir_bundle", "build_reviewed_fhir_bundle", "post_bundle", "bundle_json", "FhirPostError", "RESULT_ID_SYSTEM"]

@@ -74,7 +74,7 @@ def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: 
     from medsight.dicom.results import AnalysedImage
 
     try:
-        images = [AnalysedImage(p, _source_header(path) if dicom_source else _stand_in_header(study))
+        images = [AnalysedImage(p, _source_header(path) if dicom_source else stand_in_header(study))
                   for path, p in zip(paths, preds)]
         return {c: [ctx.store.put_bytes(b) for b in build_payloads(images, c, outputs)] for c in channels}, None
     except Exception as e:  # noqa: BLE001 - any builder failure is reported, the analysis stands
@@ -88,7 +88,7 @@ def _source_header(path: Path):  # noqa: ANN202 - pydicom Dataset
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _stand_in_header(study: dict):  # noqa: ANN202 - pydicom Dataset
+def stand_in_header(study: dict):  # noqa: ANN202 - pydicom Dataset
     """PNG/JPEG uploads have no DICOM header; FHIR and HL7 need only the study's identity."""
     from pydicom.dataset import Dataset
 

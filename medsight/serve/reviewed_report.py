@@ -1,23 +1,29 @@
-"""A reader's review goes back to the PACS as the verified version of the AI report.
+"""A reader's review goes back to the hospital's systems as the verified version of the AI report.
 
-The SR sent after analysis is preliminary and unverified. When a radiologist
-confirms or corrects the model in MedSight, the PACS should not keep showing
-only the machine's opinion: :func:`submit_review` stores the review and, in the
-same transaction, queues a ``deliver`` job with a verified Comprehensive SR
-(:func:`medsight.dicom.sr.build_sr` with a :class:`~medsight.dicom.results.ReviewAttestation`)
-that names the reader as Verifying Observer and lists the SR it supersedes in
-its Predecessor Documents Sequence. The job has the same retry rules as every
-other delivery. Both the REST API and the web page submit reviews through here.
+The results sent after analysis are preliminary: an UNVERIFIED SR for the PACS, a
+``preliminary`` DiagnosticReport for the FHIR server. When a radiologist confirms
+or corrects the model in MedSight, those systems should not keep showing only the
+machine's opinion. :func:`submit_review` stores the review and, in the same
+transaction, queues ``deliver`` jobs (same retry rules as every delivery) with
 
-Only DICOM studies with a configured DICOM destination get one (a PNG upload
-has no study in the PACS to file it in). Building the SR can fail (a source
-file gone from storage); the review stands regardless, and the failure is
-audited as ``deliver.build_failed``.
+* DICOM: a verified Comprehensive SR naming the reader as Verifying Observer and
+  listing the SR it supersedes in its Predecessor Documents Sequence
+  (:func:`medsight.dicom.sr.build_sr` with a :class:`~medsight.dicom.results.ReviewAttestation`);
+* FHIR: the preliminary DiagnosticReport updated in place to ``final``
+  (conditional update on its identifier), with the reader as results interpreter
+  (:func:`medsight.dicom.fhir.build_reviewed_fhir_bundle`).
+
+Both the REST API and the web page submit reviews through here. A channel gets
+a verified report only where it got the preliminary one's kind (DICOM needs a
+DICOM study). Building can fail (a source file gone from storage); the review
+stands regardless, and the failure is audited as ``deliver.build_failed``.
+HL7 v2 gets no corrected ORU yet.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pydicom
@@ -40,61 +46,93 @@ def submit_review(ctx: ServiceContext, session: Session, study_id: int, reviewer
     return review
 
 
-def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review, reviewer: Actor) -> Job | None:
-    """Queue the verified SR of ``review``; the delivery job, or None when nothing is to be sent."""
+def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review, reviewer: Actor) -> list[Job]:
+    """Queue the verified report of ``review`` on each configured channel that has one; the delivery jobs."""
     outputs = ctx.settings.outputs
     study = session.get(Study, review.study_id)
-    if study is None or study.source_format != "dicom" or not outputs.destination("dicom"):
-        return None
+    channels = [c for c in outputs.channels(study.source_format == "dicom") if c in REVIEWED_CHANNELS] if study else []
+    if not channels:
+        return []
     try:
-        blob = _build(ctx, session, study, review)
+        images, reviewed_uid = _images(ctx, session, study, review)
+        attestation = _attestation(ctx, session, review, reviewed_uid)
+        blobs = {c: _build(ctx, session, c, study, images, attestation) for c in channels}
     except Exception as e:  # noqa: BLE001 - any builder failure is reported; the review itself stands
-        log.exception("study %s: the reviewed SR could not be built", study.id)
+        log.exception("study %s: the reviewed report could not be built", study.id)
         record(session, reviewer, "deliver.build_failed", "study", study.id, review=review.id,
                error=f"{type(e).__name__}: {e}"[:500])
-        return None
-    return ctx.queue.enqueue(session, "deliver", study.id, {"channel": "dicom", "blobs": [blob], "review": review.id},
-                             priority=60, max_attempts=outputs.max_attempts)
+        return []
+    return [ctx.queue.enqueue(session, "deliver", study.id, {"channel": c, "blobs": [blob], "review": review.id},
+                              priority=60, max_attempts=outputs.max_attempts) for c, blob in blobs.items()]
 
 
-def _build(ctx: ServiceContext, session: Session, study: Study, review: Review) -> str:
-    from medsight.dicom.files import encode_part10
-    from medsight.dicom.results import AnalysedImage, ReviewAttestation
-    from medsight.dicom.sr import build_sr
+#: Channels with a verified form of the result: DICOM (a verified SR superseding the preliminary one)
+#: and FHIR (the DiagnosticReport updated to final). HL7 v2 has no such step here yet.
+REVIEWED_CHANNELS = ("dicom", "fhir")
+
+
+def _images(ctx: ServiceContext, session: Session, study: Study, review: Review) -> tuple[list, str | None]:
+    """The analysed images of the reviewed result's analysis, rebuilt from the stored results and sources."""
+    from medsight.dicom.results import AnalysedImage
     from medsight.predict.result import Prediction
+    from medsight.serve.analysis import stand_in_header
 
     reviewed = session.get(Result, review.result_id)
     rows = session.execute(select(Result, Instance).join(Instance, Result.instance_id == Instance.id)
                            .where(Result.job_id == reviewed.job_id).order_by(Result.id)).all()
-    images = []
-    for result, instance in rows:
-        header = pydicom.dcmread(ctx.store.path_for(instance.file_sha256), stop_before_pixels=True)
+    facts = {"study_uid": study.study_uid, "modality": study.modality, "accession_number": study.accession_number}
+    images, reviewed_uid = [], None
+    for k, (result, instance) in enumerate(rows):
+        if study.source_format == "dicom":
+            header = pydicom.dcmread(ctx.store.path_for(instance.file_sha256), stop_before_pixels=True)
+        else:  # PNG/JPEG: a stand-in header with the study's identity, one SOP Instance UID per image
+            header = stand_in_header(facts)
+            header.SOPInstanceUID = instance.sop_instance_uid or f"2.25.{instance.id}"
         prediction = Prediction(source=None, model=result.model, label=result.label, probabilities=dict(result.probabilities),
                                 confidence=result.confidence, refer=result.refer, statement=result.statement,
                                 heatmap_label=result.heatmap_label)
         images.append(AnalysedImage(prediction, header))
-    reviewed_uid = next(str(a.source.SOPInstanceUID) for (r, _), a in zip(rows, images) if r.id == reviewed.id)
+        if result.id == reviewed.id:
+            reviewed_uid = str(header.SOPInstanceUID)
+    return images, reviewed_uid
+
+
+def _attestation(ctx: ServiceContext, session: Session, review: Review, reviewed_uid: str):  # noqa: ANN202
+    from medsight.dicom.results import ReviewAttestation
+
     user = session.get(User, review.reviewer_id)
-    attestation = ReviewAttestation(
-        sop_instance_uid=reviewed_uid, label=review.label, action=review.action,
-        reviewer_name=(user.full_name or user.username)[:64], organization=ctx.settings.outputs.organization, note=review.note)
-    sr = build_sr(images, review=attestation, predecessor=_latest_sr(ctx, session, study.id))
-    return ctx.store.put_bytes(encode_part10(sr))
+    return ReviewAttestation(sop_instance_uid=reviewed_uid, label=review.label, action=review.action,
+                             reviewer_name=(user.full_name or user.username)[:64],
+                             organization=ctx.settings.outputs.organization, note=review.note)
 
 
-def _latest_sr(ctx: ServiceContext, session: Session, study_id: int):  # noqa: ANN202 - pydicom Dataset or None
-    """The most recent SR MedSight built for this study (preliminary or an earlier review): the one superseded."""
+def _build(ctx: ServiceContext, session: Session, channel: str, study: Study, images: list, attestation) -> str:  # noqa: ANN001
+    if channel == "dicom":
+        from medsight.dicom.files import encode_part10
+        from medsight.dicom.sr import build_sr
+
+        previous = _latest_blob(ctx, session, study.id, "dicom")
+        predecessor = pydicom.dcmread(io.BytesIO(previous)) if previous is not None else None
+        if predecessor is not None and predecessor.get("Modality") != "SR":
+            predecessor = None
+        return ctx.store.put_bytes(encode_part10(build_sr(images, review=attestation, predecessor=predecessor)))
+    from medsight.dicom.fhir import build_reviewed_fhir_bundle, bundle_json
+
+    previous = _latest_blob(ctx, session, study.id, "fhir")
+    preliminary = json.loads(previous) if previous is not None else None
+    return ctx.store.put_bytes(bundle_json(build_reviewed_fhir_bundle(images, attestation, preliminary)).encode("utf-8"))
+
+
+def _latest_blob(ctx: ServiceContext, session: Session, study_id: int, channel: str) -> bytes | None:
+    """The first object of the most recent delivery on ``channel`` for this study (what a new version supersedes)."""
     jobs = session.execute(select(Job).where(Job.study_id == study_id, Job.kind == "deliver").order_by(Job.id.desc())).scalars()
     for job in jobs:
-        if job.payload.get("channel") != "dicom" or not job.payload.get("blobs"):
-            continue
-        try:
-            ds = pydicom.dcmread(io.BytesIO(ctx.store.read_bytes(job.payload["blobs"][0])))
-        except Exception:  # noqa: BLE001 - a missing or unreadable blob: look further back
-            continue
-        if ds.get("Modality") == "SR":
-            return ds
+        if job.payload.get("channel") == channel and job.payload.get("blobs"):
+            try:
+                return ctx.store.read_bytes(job.payload["blobs"][0])
+            except OSError:  # a missing blob: look further back
+                continue
     return None
 
 
-__all__ = ["submit_review", "queue_reviewed_report"]
+__all__ = ["REVIEWED_CHANNELS", "submit_review", "queue_reviewed_report"]

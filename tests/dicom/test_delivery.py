@@ -124,3 +124,38 @@ def test_output_settings_validate_destinations() -> None:
         OutputSettings(dicom_destination="PACS")
     with pytest.raises(MedSightError, match="not host:port"):
         OutputSettings(hl7_destination="ris")
+
+
+def test_a_review_updates_the_fhir_report_to_final_in_place(tmp_path: Path, models_dir: Path) -> None:
+    from medsight.serve.audit import Actor
+    from medsight.serve.auth import create_user
+    from medsight.serve.reviewed_report import submit_review
+    from medsight.serve.reviews import key_result
+
+    fhir = FhirServer()
+    ctx = service_context(tmp_path, models_dir, outputs={"fhir_url": fhir.url})
+    try:
+        study = ingest_files(ctx, png_study(tmp_path), modality="CR", accession_number="ACC-78")
+        assert run_jobs(ctx) == 2
+        with ctx.db.session() as s:
+            user = create_user(s, "ruth", "a-long-enough-password-1", "radiologist", full_name="Ruth Reader")
+            result = key_result(s, study.id)  # what a review without result_id is about
+            other = next(lab for lab in result.labels if lab != result.label)
+            submit_review(ctx, s, study.id, Actor("ruth", "radiologist", user.id), label=other, note="no consolidation")
+        assert run_jobs(ctx) == 1
+    finally:
+        fhir.stop()
+        ctx.close()
+    preliminary, reviewed = (Bundle.model_validate(b["body"]) for b in fhir.bundles)
+    old = next(e.resource for e in preliminary.entry if e.resource.__resource_type__ == "DiagnosticReport")
+    (entry,) = reviewed.entry  # only the report changes; the model's Observations stay as they are
+    report = entry.resource
+    ident = next(i.value for i in old.identifier if i.system == "urn:medsight:result")
+    assert (entry.request.method, entry.request.url) == ("PUT", f"DiagnosticReport?identifier=urn:medsight:result|{ident}")
+    assert (old.status, report.status) == ("preliminary", "final")
+    assert report.resultsInterpreter[0].display == "Ruth Reader"
+    assert [c.text for c in report.conclusionCode] == [other]
+    assert report.conclusion.startswith(f"Reviewed by Ruth Reader: corrected the model's finding '{result.label}' to '{other}'.")
+    assert any(i.value == "ACC-78" for i in report.identifier)
+    old_obs = [next(i.value for i in e.resource.identifier) for e in preliminary.entry if e.resource.__resource_type__ == "Observation"]
+    assert [r.reference for r in report.result] == [f"Observation?identifier=urn:medsight:result|{v}" for v in old_obs]

@@ -231,6 +231,23 @@ def test_fhir_bundle_round_trips_and_reports_each_finding(ct_study) -> None:
     assert report.subject is None
 
 
+def test_reviewed_fhir_report_without_a_preliminary_one_is_created_final(ct_study) -> None:
+    from medsight.dicom.fhir import build_reviewed_fhir_bundle
+
+    analysed = ct_study[0]
+    review = ReviewAttestation(str(analysed.source.SOPInstanceUID), analysed.prediction.label, "confirm", "Reader^Ruth", "GH")
+    bundle = build_reviewed_fhir_bundle(ct_study, review)
+    kinds = [(e.resource.__resource_type__, e.request.method) for e in bundle.entry]
+    n_obs = sum(len(a.prediction.probabilities) for a in ct_study)
+    assert kinds == [("Device", "POST")] + [("Observation", "POST")] * n_obs + [("DiagnosticReport", "PUT")]
+    report = bundle.entry[-1].resource
+    assert report.status == "final" and report.resultsInterpreter[0].display == "Reader Ruth"
+    assert report.conclusion.startswith(f"Reviewed by Reader Ruth: confirmed the model's finding '{analysed.prediction.label}'.")
+    assert len(report.result) == n_obs  # the new Observations of this very bundle
+    with pytest.raises(ResultExportError, match="no single DiagnosticReport"):
+        build_reviewed_fhir_bundle(ct_study, review, preliminary={"resourceType": "Bundle", "entry": []})
+
+
 def test_fhir_and_hl7_payloads_name_no_patient(ct_study) -> None:
     images = [_identified(a) for a in ct_study]
     fhir_json = build_fhir_bundle(images).model_dump_json(exclude_none=True)
