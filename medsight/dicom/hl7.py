@@ -7,6 +7,11 @@ with the reported finding, one (ST) with the Study Instance UID so the RIS
 can link the result to the images, one (TX) with the confidence statement;
 NTE (after OBR) with the disclaimer.
 
+After a radiologist's review the same order is sent again with result status
+F (confirmed) or C (corrected) in OBR-25 and every OBX-11, plus, for the
+reviewed image, the reader's finding (CWE) and the review statement (TX):
+a RIS replaces the preliminary result of that filler order number.
+
 Privacy: no PID segment (it is optional in ORU^R01), so no patient name, ID
 or birth date; the receiver matches on the accession number it issued.
 """
@@ -24,6 +29,7 @@ from medsight.dicom.results import (
     DISCLAIMER,
     MANUFACTURER,
     AnalysedImage,
+    ReviewAttestation,
     check_one_study,
     label_code,
     model_name_version,
@@ -40,8 +46,9 @@ def _escape(text: str) -> str:
 
 def build_oru_r01(images: Sequence[AnalysedImage], sending_facility: str = "HOSPITAL", receiving_application: str = "RIS",
                   receiving_facility: str = "HOSPITAL", control_id: str | None = None,
-                  now: dt.datetime | None = None) -> Message:
+                  now: dt.datetime | None = None, review: ReviewAttestation | None = None) -> Message:
     study_uid = check_one_study(images)
+    status = "P" if review is None else ("C" if review.action == "correct" else "F")  # HL7 table 0123 / 0085
     now = now or dt.datetime.now(dt.timezone.utc)
     ts = now.strftime("%Y%m%d%H%M%S")
     name, version = model_name_version(images[0].prediction)
@@ -65,7 +72,7 @@ def build_oru_r01(images: Sequence[AnalysedImage], sending_facility: str = "HOSP
     obr.obr_4 = f"{label_code(name)}^{_escape(f'{MANUFACTURER} {name} {version}')}^{CODING_SCHEME}"
     obr.obr_7 = ts
     obr.obr_22 = ts
-    obr.obr_25 = "P"
+    obr.obr_25 = status
     nte = order.add_segment("NTE")  # notes on the order follow OBR directly (before the observations)
     nte.nte_1 = "1"
     nte.nte_3 = DISCLAIMER
@@ -82,7 +89,7 @@ def build_oru_r01(images: Sequence[AnalysedImage], sending_facility: str = "HOSP
         seg.obx_5 = value
         if units:
             seg.obx_6 = units
-        seg.obx_11 = "P"
+        seg.obx_11 = status
         seg.obx_14 = ts
 
     obx("ST", "STUDY-UID", "Study Instance UID", study_uid)
@@ -95,6 +102,10 @@ def build_oru_r01(images: Sequence[AnalysedImage], sending_facility: str = "HOSP
         obx("NM", "CONFIDENCE", f"Image {i} calibrated confidence", f"{float(p.confidence):.6f}", "1^no units^UCUM")
         obx("ST", "REFER", f"Image {i} refer to human reader", "Y" if p.refer else "N")
         obx("TX", "STATEMENT", f"Image {i} confidence statement", _escape(p.statement))
+        if review is not None and str(analysed.source.get("SOPInstanceUID", "")) == review.sop_instance_uid:
+            obx("CWE", "READER-FINDING", f"Image {i} finding of the human reader",
+                f"{label_code(review.label)}^{_escape(review.label)}^{CODING_SCHEME}")
+            obx("TX", "REVIEW", f"Image {i} review", _escape(review.statement(p.label)))
     return msg
 
 

@@ -11,13 +11,14 @@ transaction, queues ``deliver`` jobs (same retry rules as every delivery) with
   (:func:`medsight.dicom.sr.build_sr` with a :class:`~medsight.dicom.results.ReviewAttestation`);
 * FHIR: the preliminary DiagnosticReport updated in place to ``final``
   (conditional update on its identifier), with the reader as results interpreter
-  (:func:`medsight.dicom.fhir.build_reviewed_fhir_bundle`).
+  (:func:`medsight.dicom.fhir.build_reviewed_fhir_bundle`);
+* HL7 v2: the ORU^R01 of the same order again, result status F (confirmed) or C
+  (corrected), with the reader's finding (:func:`medsight.dicom.hl7.build_oru_r01`).
 
 Both the REST API and the web page submit reviews through here. A channel gets
 a verified report only where it got the preliminary one's kind (DICOM needs a
 DICOM study). Building can fail (a source file gone from storage); the review
 stands regardless, and the failure is audited as ``deliver.build_failed``.
-HL7 v2 gets no corrected ORU yet.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review,
                               priority=60, max_attempts=outputs.max_attempts) for c, blob in blobs.items()]
 
 
-#: Channels with a verified form of the result: DICOM (a verified SR superseding the preliminary one)
-#: and FHIR (the DiagnosticReport updated to final). HL7 v2 has no such step here yet.
-REVIEWED_CHANNELS = ("dicom", "fhir")
+#: Every channel has a verified form of the result: DICOM (a verified SR superseding the preliminary
+#: one), FHIR (the DiagnosticReport updated to final) and HL7 (the order again with status F or C).
+REVIEWED_CHANNELS = ("dicom", "fhir", "hl7")
 
 
 def _images(ctx: ServiceContext, session: Session, study: Study, review: Review) -> tuple[list, str | None]:
@@ -116,6 +117,13 @@ def _build(ctx: ServiceContext, session: Session, channel: str, study: Study, im
         if predecessor is not None and predecessor.get("Modality") != "SR":
             predecessor = None
         return ctx.store.put_bytes(encode_part10(build_sr(images, review=attestation, predecessor=predecessor)))
+    if channel == "hl7":
+        from medsight.dicom.hl7 import build_oru_r01, to_er7
+
+        outputs = ctx.settings.outputs
+        msg = build_oru_r01(images, sending_facility=outputs.hl7_sending_facility,
+                            receiving_application=outputs.hl7_receiving_application, review=attestation)
+        return ctx.store.put_bytes(to_er7(msg).encode("utf-8"))
     from medsight.dicom.fhir import build_reviewed_fhir_bundle, bundle_json
 
     previous = _latest_blob(ctx, session, study.id, "fhir")

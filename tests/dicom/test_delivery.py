@@ -126,26 +126,35 @@ def test_output_settings_validate_destinations() -> None:
         OutputSettings(hl7_destination="ris")
 
 
-def test_a_review_updates_the_fhir_report_to_final_in_place(tmp_path: Path, models_dir: Path) -> None:
+def test_a_review_updates_the_fhir_report_to_final_in_place_and_corrects_the_hl7_result(tmp_path: Path, models_dir: Path) -> None:
     from medsight.serve.audit import Actor
     from medsight.serve.auth import create_user
     from medsight.serve.reviewed_report import submit_review
     from medsight.serve.reviews import key_result
 
-    fhir = FhirServer()
-    ctx = service_context(tmp_path, models_dir, outputs={"fhir_url": fhir.url})
+    fhir, ris = FhirServer(), Receiver("AA")
+    ctx = service_context(tmp_path, models_dir, outputs={"fhir_url": fhir.url, "hl7_destination": f"127.0.0.1:{ris.port}"})
     try:
         study = ingest_files(ctx, png_study(tmp_path), modality="CR", accession_number="ACC-78")
-        assert run_jobs(ctx) == 2
+        assert run_jobs(ctx) == 3
         with ctx.db.session() as s:
             user = create_user(s, "ruth", "a-long-enough-password-1", "radiologist", full_name="Ruth Reader")
             result = key_result(s, study.id)  # what a review without result_id is about
             other = next(lab for lab in result.labels if lab != result.label)
             submit_review(ctx, s, study.id, Actor("ruth", "radiologist", user.id), label=other, note="no consolidation")
-        assert run_jobs(ctx) == 1
+        assert run_jobs(ctx) == 2
     finally:
         fhir.stop()
+        ris.stop()
         ctx.close()
+    # HL7: the same order (accession number) again, status C (corrected) instead of P, with the reader's finding
+    first, second = (parse_message(m.replace("\n", "\r"), find_groups=False) for m in ris.messages)
+    assert (first.obr.obr_3.value, first.obr.obr_25.value) == ("ACC-78", "P")
+    assert (second.obr.obr_3.value, second.obr.obr_25.value) == ("ACC-78", "C")
+    obx = {seg.obx_3.obx_3_1.value: seg for seg in second.children if seg.name == "OBX"}
+    assert {seg.obx_11.value for seg in obx.values()} == {"C"}
+    assert obx["READER-FINDING"].obx_5.value.split("^")[1] == other
+    assert "corrected the model" in obx["REVIEW"].obx_5.value
     preliminary, reviewed = (Bundle.model_validate(b["body"]) for b in fhir.bundles)
     old = next(e.resource for e in preliminary.entry if e.resource.__resource_type__ == "DiagnosticReport")
     (entry,) = reviewed.entry  # only the report changes; the model's Observations stay as they are
