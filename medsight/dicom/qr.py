@@ -125,7 +125,7 @@ class DimseSource:
 
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        for uid in RETRIEVE_CLASSES:  # 1 + 36 contexts, well under the 128 an association may propose
+        for uid in RETRIEVE_CLASSES:  # 1 + 28 contexts, well under the 128 an association may propose
             ae.add_requested_context(uid, TRANSFER_SYNTAXES)
         roles = [build_role(uid, scp_role=True) for uid in RETRIEVE_CLASSES]
         query = Dataset()
