@@ -129,7 +129,8 @@ def build_reviewed_fhir_bundle(images: Sequence[AnalysedImage], review: ReviewAt
     conditional update of that very report (``PUT DiagnosticReport?identifier=...``), so the
     receiving system replaces the machine's preliminary report instead of holding two; its
     ``result`` points at the preliminary Observations by their identifiers (conditional
-    references, resolved by the server). Without it, a new report is created.
+    references, resolved by the server). ``preliminary`` may also be an earlier review's
+    bundle: a second review updates the same report again. Without it, a new report is created.
     """
     check_one_study(images)
     reviewed = next((a for a in images if str(a.source.get("SOPInstanceUID", "")) == review.sop_instance_uid), images[0])
@@ -147,7 +148,8 @@ def build_reviewed_fhir_bundle(images: Sequence[AnalysedImage], review: ReviewAt
         report = {k: v for k, v in old[0]["resource"].items() if k not in ("id", "meta")}
         obs_ids = [_result_identifier(e["resource"]) for e in preliminary["entry"]
                    if e.get("resource", {}).get("resourceType") == "Observation"]
-        report["result"] = [{"reference": f"Observation?identifier={RESULT_ID_SYSTEM}|{v}"} for v in obs_ids]
+        if obs_ids:  # else ``preliminary`` is an earlier review's update, whose references are already conditional
+            report["result"] = [{"reference": f"Observation?identifier={RESULT_ID_SYSTEM}|{v}"} for v in obs_ids]
         target = {"fullUrl": _urn(), "resource": report}
         entries.append(target)
     ident = _result_identifier(report)

@@ -41,7 +41,7 @@ log = logging.getLogger("medsight.serve.reviewed_report")
 
 def submit_review(ctx: ServiceContext, session: Session, study_id: int, reviewer: Actor, label: str | None = None,
                   findings: dict[str, bool] | None = None, note: str = "", result_id: int | None = None) -> Review:
-    """Record a review and queue the verified SR for the PACS (when the study came from one)."""
+    """Record a review and, in the same transaction, queue the verified report on every configured channel."""
     review = create_review(session, study_id, reviewer, label, findings, note, result_id)
     queue_reviewed_report(ctx, session, review, reviewer)
     return review

@@ -143,19 +143,23 @@ def test_a_review_updates_the_fhir_report_to_final_in_place_and_corrects_the_hl7
             other = next(lab for lab in result.labels if lab != result.label)
             submit_review(ctx, s, study.id, Actor("ruth", "radiologist", user.id), label=other, note="no consolidation")
         assert run_jobs(ctx) == 2
+        with ctx.db.session() as s:  # a second opinion updates the same report again
+            submit_review(ctx, s, study.id, Actor("ruth", "radiologist", user.id), label=result.label)
+        assert run_jobs(ctx) == 2
     finally:
         fhir.stop()
         ris.stop()
         ctx.close()
     # HL7: the same order (accession number) again, status C (corrected) instead of P, with the reader's finding
-    first, second = (parse_message(m.replace("\n", "\r"), find_groups=False) for m in ris.messages)
+    first, second, third = (parse_message(m.replace("\n", "\r"), find_groups=False) for m in ris.messages)
+    assert third.obr.obr_25.value == "F"  # the second reviewer confirmed the model
     assert (first.obr.obr_3.value, first.obr.obr_25.value) == ("ACC-78", "P")
     assert (second.obr.obr_3.value, second.obr.obr_25.value) == ("ACC-78", "C")
     obx = {seg.obx_3.obx_3_1.value: seg for seg in second.children if seg.name == "OBX"}
     assert {seg.obx_11.value for seg in obx.values()} == {"C"}
     assert obx["READER-FINDING"].obx_5.value.split("^")[1] == other
     assert "corrected the model" in obx["REVIEW"].obx_5.value
-    preliminary, reviewed = (Bundle.model_validate(b["body"]) for b in fhir.bundles)
+    preliminary, reviewed, again = (Bundle.model_validate(b["body"]) for b in fhir.bundles)
     old = next(e.resource for e in preliminary.entry if e.resource.__resource_type__ == "DiagnosticReport")
     (entry,) = reviewed.entry  # only the report changes; the model's Observations stay as they are
     report = entry.resource
@@ -168,3 +172,7 @@ def test_a_review_updates_the_fhir_report_to_final_in_place_and_corrects_the_hl7
     assert any(i.value == "ACC-78" for i in report.identifier)
     old_obs = [next(i.value for i in e.resource.identifier) for e in preliminary.entry if e.resource.__resource_type__ == "Observation"]
     assert [r.reference for r in report.result] == [f"Observation?identifier=urn:medsight:result|{v}" for v in old_obs]
+    (entry2,) = again.entry
+    assert entry2.request.url == entry.request.url and entry2.resource.status == "final"
+    assert [c.text for c in entry2.resource.conclusionCode] == [result.label]
+    assert [r.reference for r in entry2.resource.result] == [r.reference for r in report.result]
