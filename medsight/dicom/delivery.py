@@ -147,7 +147,6 @@ def send_payloads(channel: str, payloads: Sequence[bytes], settings: OutputSetti
 
 def _send_dicom(payloads: Sequence[bytes], dest: str, settings: OutputSettings) -> str:
     from medsight.dicom.sender import StowDestination, parse_destination, send_dimse, send_stow
-
     from medsight.errors import TlsConfigError
 
     target = parse_destination(dest, tls=settings.dicom_tls)

@@ -53,7 +53,7 @@ class DimseSource:
         return ae
 
     def _associate(self, ae: AE, what: str, **kwargs):  # noqa: ANN202 - pynetdicom Association
-        tls_args = (self.dest.tls.client_context(), self.dest.host) if self.dest.tls is not None else None
+        tls_args = self.dest.tls_args()
         try:
             assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls_args, **kwargs)
         except Exception as exc:

@@ -39,6 +39,10 @@ class DimseDestination:
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
+    def tls_args(self):  # noqa: ANN201 - pynetdicom's (SSLContext, server hostname) or None
+        """``AE.associate(tls_args=...)`` for this destination; bad certificate files raise TlsConfigError."""
+        return (self.tls.client_context(), self.host) if self.tls is not None else None
+
 
 @dataclass(frozen=True)
 class StowDestination:
@@ -97,7 +101,7 @@ def send_dimse(paths: list[Path], dest: DimseDestination, calling_aet: str = "ME
         ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
     if not datasets:
         return results
-    tls_args = (dest.tls.client_context(), dest.host) if dest.tls is not None else None  # bad TLS files: TlsConfigError
+    tls_args = dest.tls_args()
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:

@@ -20,7 +20,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medsight._version import __version__
-from medsight.errors import ResultExportError
 from medsight.dicom.results import (
     CODING_SCHEME,
     DISCLAIMER,
@@ -33,6 +32,7 @@ from medsight.dicom.results import (
     model_name_version,
     next_series_number,
 )
+from medsight.errors import ResultExportError
 
 # Codes from PS3.16 (DCM, SCT, UCUM) where one exists; local 99MEDSIGHT codes otherwise.
 COMMENT = CodedConcept("121106", "DCM", "Comment")

@@ -275,13 +275,12 @@ class InstanceStore:
         the callback ran stays, and its study is due again. Files are content-addressed and
         hold the Study Instance UID, so no other study references them.
         """
-        removed = 0
+        removed, handed = 0, set(files)
         with self._lock:
             st = self._studies.get(study_uid)
-            for path in files:
-                if st is not None:
-                    for sop in [k for k, v in st.instances.items() if v == path]:
-                        del st.instances[sop]
+            if st is not None:
+                st.instances = {sop: p for sop, p in st.instances.items() if p not in handed}
+            for path in handed:
                 try:
                     path.unlink()
                     removed += 1

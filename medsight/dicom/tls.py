@@ -83,9 +83,5 @@ class TlsSettings(BaseModel):
         self._load_chain(ctx)
         return ctx
 
-    @property
-    def mutual(self) -> bool:
-        return self.ca_file is not None
-
 
 __all__ = ["TlsConfigError", "TlsSettings"]

@@ -74,7 +74,7 @@ def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: 
     from medsight.dicom.results import AnalysedImage
 
     try:
-        images = [AnalysedImage(p, _source_header(path) if dicom_source else stand_in_header(study))
+        images = [AnalysedImage(p, source_header(path) if dicom_source else stand_in_header(study))
                   for path, p in zip(paths, preds)]
         return {c: [ctx.store.put_bytes(b) for b in build_payloads(images, c, outputs)] for c in channels}, None
     except Exception as e:  # noqa: BLE001 - any builder failure is reported, the analysis stands
@@ -82,7 +82,7 @@ def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: 
         return {}, f"{type(e).__name__}: {e}"[:500]
 
 
-def _source_header(path: Path):  # noqa: ANN202 - pydicom Dataset
+def source_header(path: Path):  # noqa: ANN202 - pydicom Dataset
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True)

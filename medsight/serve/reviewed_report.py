@@ -48,10 +48,10 @@ def submit_review(ctx: ServiceContext, session: Session, study_id: int, reviewer
 
 
 def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review, reviewer: Actor) -> list[Job]:
-    """Queue the verified report of ``review`` on each configured channel that has one; the delivery jobs."""
+    """Queue the verified report of ``review`` on each configured channel (every channel has one); the delivery jobs."""
     outputs = ctx.settings.outputs
     study = session.get(Study, review.study_id)
-    channels = [c for c in outputs.channels(study.source_format == "dicom") if c in REVIEWED_CHANNELS] if study else []
+    channels = outputs.channels(study.source_format == "dicom") if study else []
     if not channels:
         return []
     try:
@@ -67,25 +67,20 @@ def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review,
                               priority=60, max_attempts=outputs.max_attempts) for c, blob in blobs.items()]
 
 
-#: Every channel has a verified form of the result: DICOM (a verified SR superseding the preliminary
-#: one), FHIR (the DiagnosticReport updated to final) and HL7 (the order again with status F or C).
-REVIEWED_CHANNELS = ("dicom", "fhir", "hl7")
-
-
 def _images(ctx: ServiceContext, session: Session, study: Study, review: Review) -> tuple[list, str | None]:
     """The analysed images of the reviewed result's analysis, rebuilt from the stored results and sources."""
     from medsight.dicom.results import AnalysedImage
     from medsight.predict.result import Prediction
-    from medsight.serve.analysis import stand_in_header
+    from medsight.serve.analysis import source_header, stand_in_header
 
     reviewed = session.get(Result, review.result_id)
     rows = session.execute(select(Result, Instance).join(Instance, Result.instance_id == Instance.id)
                            .where(Result.job_id == reviewed.job_id).order_by(Result.id)).all()
     facts = {"study_uid": study.study_uid, "modality": study.modality, "accession_number": study.accession_number}
     images, reviewed_uid = [], None
-    for k, (result, instance) in enumerate(rows):
+    for result, instance in rows:
         if study.source_format == "dicom":
-            header = pydicom.dcmread(ctx.store.path_for(instance.file_sha256), stop_before_pixels=True)
+            header = source_header(ctx.store.path_for(instance.file_sha256))
         else:  # PNG/JPEG: a stand-in header with the study's identity, one SOP Instance UID per image
             header = stand_in_header(facts)
             header.SOPInstanceUID = instance.sop_instance_uid or f"2.25.{instance.id}"
@@ -143,4 +138,4 @@ def _latest_blob(ctx: ServiceContext, session: Session, study_id: int, channel: 
     return None
 
 
-__all__ = ["REVIEWED_CHANNELS", "submit_review", "queue_reviewed_report"]
+__all__ = ["submit_review", "queue_reviewed_report"]
