@@ -251,7 +251,10 @@ class OODDetector:
         missing = [b for b in self.blocks if b not in stats]
         if missing:
             raise ValueError(f"OOD statistics lack block(s) {missing}; build them with OODDetector.inputs(statistics, images)")
-        raw = np.stack([self.layers[name].raw(stats[name]) for name in self.blocks], axis=1)
+        return self.standardise(_raw(self.layers, stats, self.blocks))
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        """(N, L, 2) raw block scores -> standardised components."""
         return (raw - self.z_mean[None]) / self.z_std[None]
 
     def score_statistics(self, stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -378,7 +381,7 @@ def fit_detector(
     raw = np.concatenate(parts)
     std = raw.std(axis=0)
     det = OODDetector(layers, raw.mean(axis=0), np.where(std > 0, std, 1.0), threshold=0.0, blocks=blocks)
-    scores = ((raw - det.z_mean[None]) / det.z_std[None]).sum(axis=(1, 2))
+    scores = det.standardise(raw).sum(axis=(1, 2))
     det.threshold = threshold_for_flag_rate(scores, val_flag_rate)
     return det, scores
 
