@@ -194,6 +194,7 @@ def main() -> None:
 
     meta = {"date": str(date.today()), "medsight_version": __version__, "seconds": time.time() - t0, "n_boot": args.n_boot,
             "target": TARGET, "bins": BINS, "data_root": str(args.data_root)}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(jsonable({"meta": meta, "results": results}), indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results, meta))
     print(f"wrote {args.out / 'results.json'} and results.md")
