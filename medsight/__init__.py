@@ -20,7 +20,7 @@ from medsight.predict.result import Prediction, PredictionError
 def load_model(name_or_path: str | Path, backend: str = "auto") -> Predictor:
     """A ready-to-use model from the zoo (by name) or from a package directory.
 
-    ``backend`` is torch | onnx | onnx-int8 | auto (see :mod:`medsight.runtime`). The
+    ``backend`` is torch | onnx | onnx-int8 | auto (see :mod:`medsight.predict`). The
     default, ``auto``, is the backend recorded in the model's card by ``medsight runtime
     tune``: the fastest one that met the accuracy rule on the model's test split (torch
     when nothing is recorded, or when the recorded one cannot be built here). So the
@@ -28,7 +28,7 @@ def load_model(name_or_path: str | Path, backend: str = "auto") -> Predictor:
     pass ``backend="torch"`` for the eager PyTorch reference.
     """
     from medsight.models.registry import load
-    from medsight.runtime.backends import make_backend
+    from medsight.predict.backends import make_backend
 
     package = load(name_or_path)
     return Predictor(package, backend=make_backend(package, backend))

@@ -49,7 +49,7 @@ from medsight.evaluate.calibration import (  # noqa: E402
 from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.metrics import expected_calibration_error  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
-from medsight.evaluate.shipped import shipped_models  # noqa: E402
+from benchmarks.shipped import shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
 

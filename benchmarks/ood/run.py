@@ -56,7 +56,7 @@ from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.curves import risk_coverage  # noqa: E402
 from medsight.evaluate.gallery import decisions  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
-from medsight.evaluate.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
+from benchmarks.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
 from medsight.predict.ood import (BLOCKS, DEFAULT_FOLDS, DEFAULT_THRESHOLD_RULE, DEFAULT_VAL_FLAG_RATE, LAYERS,  # noqa: E402
                                   dataset_statistics, fit_detector, fit_ood)

@@ -33,9 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from medsight.models.registry import load  # noqa: E402
-from medsight.runtime.backends import recorded_choice  # noqa: E402
-from medsight.runtime.settings import RuntimeSettings, available_cores  # noqa: E402
-from medsight.runtime.tune import cpu_model  # noqa: E402
+from medsight.predict.backends import recorded_choice  # noqa: E402
+from medsight.predict.settings import RuntimeSettings, available_cores  # noqa: E402
+from medsight.evaluate.tune import cpu_model  # noqa: E402
 from medsight.scale.engine import BatchJob, BatchSummary, RayOptions, run_local, run_ray  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
 

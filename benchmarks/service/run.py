@@ -41,7 +41,7 @@ PASSWORD = "load-test-password"
 
 
 def make_studies(n: int, seed: int = 0) -> list[bytes]:
-    from medsight.demo import SAMPLES_DIR
+    from medsight.io.samples import SAMPLES_DIR
 
     bases = [np.asarray(Image.open(SAMPLES_DIR / f).convert("L"), dtype=np.int16)
              for f in ("pneumonia-cxr_test0000_pneumonia.png", "pneumonia-cxr_test0001_normal.png")]

@@ -1,6 +1,6 @@
 """Compare int8 quantisation recipes of one zoo model: speed (interleaved) and the accuracy rule.
 
-How the recipe in medsight/runtime/quantize.py was chosen (docs/performance.md). Each variant is
+How the recipe in medsight/predict/quantize.py was chosen (docs/performance.md). Each variant is
 built from the model's fp32 export with ``onnxruntime.quantization.quantize_static``, calibrated on
 the same 256 seeded training images as ``medsight runtime tune``, then scored like tune scores it
 (test AUC drop vs PyTorch, OOD referral agreement) and timed at batch 32 and 128 (median of 5
@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from medsight.models.registry import load  # noqa: E402
 from medsight.predict.ood import load_ood  # noqa: E402
-from medsight.runtime.backends import OnnxBackend, TorchBackend  # noqa: E402
-from medsight.runtime.cache import onnx_model_path  # noqa: E402
-from medsight.runtime.quantize import DatasetCalibrationReader, _preprocess, calibration_sample  # noqa: E402
-from medsight.runtime.settings import RuntimeSettings  # noqa: E402
-from medsight.runtime.tune import _forward, auc, ood_agreement, split_tensor  # noqa: E402
+from medsight.predict.backends import OnnxBackend, TorchBackend  # noqa: E402
+from medsight.predict.cache import onnx_model_path  # noqa: E402
+from medsight.predict.quantize import DatasetCalibrationReader, _preprocess, calibration_sample  # noqa: E402
+from medsight.predict.settings import RuntimeSettings  # noqa: E402
+from medsight.evaluate.tune import _forward, auc, ood_agreement, split_tensor  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
 
 STEM = ["/conv1/Conv", "/act/Relu", "/maxpool/MaxPool"]

@@ -3,7 +3,7 @@
 Runs a zoo model's cached ONNX file (fp32 or int8, built on demand) on real test images of its recipe
 with the session settings MedSight uses (intra-op threads, spinning off), and prints the share of
 kernel time per operator type and the slowest nodes with their output shapes. This is how the int8
-recipe in medsight/runtime/quantize.py was chosen (docs/performance.md).
+recipe in medsight/predict/quantize.py was chosen (docs/performance.md).
 
 Usage: .venv/bin/python benchmarks/throughput/ort_profile.py brain-tumor-mri [--backend onnx-int8] [--batch 32]
 """
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from medsight.models.preprocess import batch_to_tensor  # noqa: E402
 from medsight.models.registry import load  # noqa: E402
-from medsight.runtime.cache import int8_model_path, onnx_model_path  # noqa: E402
-from medsight.runtime.settings import RuntimeSettings  # noqa: E402
+from medsight.predict.cache import int8_model_path, onnx_model_path  # noqa: E402
+from medsight.predict.settings import RuntimeSettings  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
 
 

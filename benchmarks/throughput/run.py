@@ -18,7 +18,7 @@ test split from the data root; the bundled samples when the data are absent):
   JPEG 2000 chest radiograph) -> result + heat-map PNG on disk, with the JPEG 2000 decode
   time of each pydicom plugin and the overlay's drawing and PNG-encoding times;
 * files -> results throughput with decoding in the caller vs in a worker process
-  (``medsight.runtime.pipeline``).
+  (``medsight.predict.stream``).
 
 Writes ``results.json`` and ``results.md`` next to this file (or ``--out``).
 Usage: .venv/bin/python benchmarks/throughput/run.py [--data-root ../shared/data] [--models a,b]
@@ -52,10 +52,10 @@ from medsight.models.package import ModelPackage  # noqa: E402
 from medsight.models.preprocess import batch_to_tensor  # noqa: E402
 from medsight.models.registry import list_cards, load  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
-from medsight.runtime.backends import BACKENDS, InferenceBackend, make_backend, recorded_choice  # noqa: E402
-from medsight.runtime.pipeline import predict_stream  # noqa: E402
-from medsight.runtime.settings import RuntimeSettings, available_cores  # noqa: E402
-from medsight.runtime.tune import cpu_model  # noqa: E402
+from medsight.predict.backends import BACKENDS, InferenceBackend, make_backend, recorded_choice  # noqa: E402
+from medsight.predict.stream import predict_stream  # noqa: E402
+from medsight.predict.settings import RuntimeSettings, available_cores  # noqa: E402
+from medsight.evaluate.tune import cpu_model  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
 
 SAMPLES = ROOT / "medsight" / "samples"
@@ -442,7 +442,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", f"JPEG 2000 decode of the file by each pydicom plugin (median ms; OPJ_NUM_THREADS={dp['OPJ_NUM_THREADS']}, "
                   f"medsight tries {dp['preferred']} first): " + ", ".join(f"{k} {v}" for k, v in dp["median_ms"].items()) + "."]
     p = res["decode_overlap"]
-    lines += ["", "## Files -> results: decoding overlapped with inference (`medsight.runtime.pipeline`)", ""]
+    lines += ["", "## Files -> results: decoding overlapped with inference (`medsight.predict.stream`)", ""]
     if "skipped" in p:
         lines.append(f"skipped: {p['skipped']}")
     else:

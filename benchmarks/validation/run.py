@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from medsight import __version__  # noqa: E402
 from medsight.evaluate.report import ValidationOptions, jsonable, validate_dataset, write_report  # noqa: E402
-from medsight.evaluate.shipped import shipped_models  # noqa: E402
+from benchmarks.shipped import shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
 

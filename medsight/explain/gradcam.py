@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.transforms.utils import rescale_instance_array
 from monai.visualize import GradCAM
 
@@ -34,9 +33,3 @@ def gradcam(network: Classifier, x: torch.Tensor, class_idx: int | list[int]) ->
     network.train(was_training)
     out = torch.cat(maps)[:, 0].detach().numpy()
     return np.nan_to_num(out, nan=0.0).clip(0.0, 1.0).astype(np.float32)
-
-
-def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of one (S, S) map to an image's own resolution."""
-    t = torch.from_numpy(heatmap)[None, None]
-    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy().clip(0, 1)

@@ -12,6 +12,7 @@ extra manifest columns are kept in ``meta`` for subgroup analysis.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medsight.errors import DataSetError
+from medsight.errors import DataSetError, ImageReadError
 from medsight.io.image import MedImage
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetBatch:
+    """Consecutive readable images of a data set and their row numbers (``ds.y[index]`` are their labels)."""
+
+    index: np.ndarray
+    images: list[MedImage]
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """An image of a data set that could not be read, and why."""
+
+    row: int
+    source: str
+    error: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"source": self.source, "error": self.error}
 
 
 @dataclass
@@ -64,6 +85,35 @@ class LabeledDataset:
         from medsight.io.readers import read_image  # local: readers pull in pydicom
 
         return read_image(self.images[i])
+
+    def batches(self, batch_size: int = 128, failures: list[ReadFailure] | None = None) -> Iterator[DatasetBatch]:
+        """The readable images in order, ``batch_size`` rows at a time: the one way to read a labelled set.
+
+        The one error policy for every caller (evaluation, calibration, OOD fitting, tuning,
+        training): an image that cannot be read (:class:`~medsight.errors.ImageReadError`) is
+        skipped and recorded in ``failures`` (pass a list to see them), so a batch may be shorter
+        than ``batch_size``; any other error propagates. A data set of which no image could be
+        read raises :class:`~medsight.errors.DataSetError` after the last batch, naming the first
+        failure, so nobody computes metrics over nothing.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        failed = failures if failures is not None else []
+        first_failure, read = len(failed), 0
+        for start in range(0, len(self), batch_size):
+            images, rows = [], []
+            for i in range(start, min(start + batch_size, len(self))):
+                try:
+                    images.append(self.image(i))
+                    rows.append(i)
+                except ImageReadError as e:
+                    failed.append(ReadFailure(i, self._source(i), str(e)))
+            if images:
+                read += len(images)
+                yield DatasetBatch(np.asarray(rows, dtype=int), images)
+        if not read:
+            why = f" (first error: {failed[first_failure].error})" if len(failed) > first_failure else ""
+            raise DataSetError(f"{self.name or 'data set'}: none of the {len(self)} images could be read{why}")
 
     def subset(self, index: np.ndarray | list[int]) -> "LabeledDataset":
         idx = np.asarray(index, dtype=int)

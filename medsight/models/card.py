@@ -48,7 +48,7 @@ class Architecture(_Strict):
 
 
 class Calibration(_Strict):
-    """How logits become calibrated probabilities (applied by medsight.evaluate.calibration.calibrated_probabilities).
+    """How logits become calibrated probabilities (applied by medsight.models.calibration.calibrated_probabilities).
 
     ``temperature``: softmax(z / T). ``temperature-bias``: softmax(z / T + bias).
     ``vector``: softmax(scale * z + bias). ``isotonic``: per-class isotonic maps of the
@@ -123,7 +123,7 @@ class ModelCard(_Strict):
     thresholds: dict[str, float] = {}
     confidence: ConfidencePolicy = ConfidencePolicy()
     ood: dict[str, Any] | None = None
-    runtime: dict[str, Any] | None = None  # fast-inference backend choice and int8 calibration (medsight.runtime)
+    runtime: dict[str, Any] | None = None  # fast-inference backend choice and int8 calibration (medsight.predict)
     training: dict[str, Any] = {}
     validation_metrics: dict[str, MetricValue] = {}
     test_metrics: dict[str, MetricValue] = {}

@@ -98,7 +98,7 @@ from medsight.models.preprocess import batch_to_tensor
 
 OOD_FILE = "ood.safetensors"
 METHOD = "feature-statistics"
-#: network blocks whose channel statistics every backend returns (medsight.runtime.export.STAT_LAYERS)
+#: network blocks whose channel statistics every backend returns (medsight.predict.export.STAT_LAYERS)
 LAYERS = ("stem", "layer1", "layer2")
 #: the image-level block: colour and grey-level statistics of the image itself
 IMAGE = "image"

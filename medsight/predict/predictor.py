@@ -14,16 +14,15 @@ import numpy as np
 import torch
 
 from medsight.errors import MedSightError
-from medsight.evaluate.calibration import calibrated_probabilities
-from medsight.explain.gradcam import resize_map
 from medsight.io.datasets import LabeledDataset
 from medsight.io.image import MedImage
+from medsight.models.calibration import calibrated_probabilities
 from medsight.models.package import ModelPackage
 from medsight.models.preprocess import batch_to_tensor
+from medsight.predict.backends import ForwardOutput, InferenceBackend, TorchBackend
+from medsight.predict.cam import class_activation_maps, resize_map
 from medsight.predict.ood import load_ood
 from medsight.predict.result import Prediction, PredictionError
-from medsight.runtime.backends import ForwardOutput, InferenceBackend, TorchBackend
-from medsight.runtime.cam import class_activation_maps
 
 ImageLike = str | Path | MedImage | np.ndarray
 
@@ -43,7 +42,7 @@ class Predictor:
         self.package = package
         self.card = package.card
         self.network = package.network.eval()
-        # The one step that differs per backend: tensor -> logits + last feature map (medsight.runtime).
+        # The one step that differs per backend: tensor -> logits + last feature map (medsight.predict).
         self.backend = backend if backend is not None else TorchBackend(self.network)
         self._multilabel = self.card.task == "multilabel"
         self.ood = load_ood(package)  # None when the card has no OOD detector
@@ -117,7 +116,7 @@ class Predictor:
     def predict_batch(self, items: Sequence[ImageLike], explain: bool = True, raise_errors: bool = True,
                       tensors: torch.Tensor | None = None) -> list[Prediction | PredictionError]:
         """``tensors``: the items' ``batch_to_tensor`` output when a caller already made it (decoded
-        images only, e.g. in a decode thread: medsight.runtime.pipeline); otherwise it is made here."""
+        images only, e.g. in a decode thread: medsight.predict.stream); otherwise it is made here."""
         images: list[MedImage] = []
         slots: list[Prediction | PredictionError | None] = []
         for it in items:
@@ -133,7 +132,7 @@ class Predictor:
             out = self.forward(x)
             p = self.calibrate(out.logits)
             decisions = [self.decide(row) for row in p]
-            # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.runtime.cam).
+            # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.predict.cam).
             maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
                                           [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
             # OOD scores from the early layers' statistics, which the backend returns with the logits

@@ -28,8 +28,8 @@ import pandas as pd
 from medsight.errors import EngineUnavailableError
 from medsight.io.image import MedImage
 from medsight.predict.predictor import Predictor
-from medsight.runtime.pipeline import predict_stream
-from medsight.runtime.settings import RuntimeSettings
+from medsight.predict.stream import predict_stream
+from medsight.predict.settings import RuntimeSettings
 from medsight.scale.rows import result_row, rows_frame
 from medsight.scale.sources import InputReader, list_records
 
@@ -78,7 +78,7 @@ class BatchSummary:
 
 def _build_predictor(model: str, backend: str, settings: RuntimeSettings) -> Predictor:
     from medsight.models.registry import load
-    from medsight.runtime.backends import make_backend
+    from medsight.predict.backends import make_backend
 
     package = load(model)
     return Predictor(package, backend=make_backend(package, backend, settings))

@@ -70,8 +70,8 @@ def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: 
     channels = outputs.channels(dicom_source)
     if not channels:
         return {}, None
-    from medsight.dicom.delivery import build_payloads
-    from medsight.dicom.results import AnalysedImage
+    from medsight.integration.delivery import build_payloads
+    from medsight.integration.results import AnalysedImage
 
     try:
         images = [AnalysedImage(p, source_header(path) if dicom_source else stand_in_header(study))

@@ -7,7 +7,7 @@ whose card lists its modality, so a CT is never scored by a chest X-ray model.
 Predictors run on the model's recorded fast backend (``auto``: the fastest backend
 that met the accuracy rule on the model's test split, recorded in ``card.runtime`` by
 ``medsight runtime tune``; torch when nothing is recorded). Heat maps come from the
-same forward pass on every backend (:mod:`medsight.runtime.cam`), so the service
+same forward pass on every backend (:mod:`medsight.predict.cam`), so the service
 loses nothing by not running eager PyTorch.
 """
 
@@ -21,8 +21,8 @@ from medsight.errors import UnknownModelError, UnsupportedModalityError
 from medsight.models.card import ModelCard
 from medsight.models.registry import default_search_paths, list_cards, resolve
 from medsight.predict.predictor import Predictor
-from medsight.runtime.backends import CHOICES
-from medsight.runtime.settings import RuntimeSettings
+from medsight.predict.backends import CHOICES
+from medsight.predict.settings import RuntimeSettings
 
 
 def card_modalities(card: ModelCard) -> set[str]:
@@ -105,7 +105,7 @@ class ModelCatalog:
         weights); ``auto`` falls back to torch with a logged warning when they cannot be built.
         """
         from medsight.models.registry import load
-        from medsight.runtime.backends import make_backend
+        from medsight.predict.backends import make_backend
 
         if name in self._cache:
             self._cache.move_to_end(name)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medsight.dicom.delivery import OutputSettings
+from medsight.integration.delivery import OutputSettings
 
 #: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
 KNOWN_MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "XC", "OT", "PX", "NM", "PT", "XA", "RF")
@@ -69,7 +69,7 @@ class ServiceSettings(BaseModel):
     default_models: dict[str, str] = {
         "CR": "pneumonia-cxr", "DX": "pneumonia-cxr", "US": "breast-us-busi", "MR": "brain-tumor-mri", "XC": "skin-lesion-ham",
     }
-    #: How every model runs (``medsight.runtime.backends``): ``auto`` takes the backend that
+    #: How every model runs (``medsight.predict.backends``): ``auto`` takes the backend that
     #: ``medsight runtime tune`` recorded in the card (the fastest one that kept the test AUC within
     #: 0.005 of PyTorch); ``torch`` forces eager PyTorch, e.g. to compare against a research setup.
     inference_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
@@ -89,7 +89,7 @@ class ServiceSettings(BaseModel):
     #: Results out: SR + overlays to a PACS, FHIR DiagnosticReport, HL7 ORU (durable ``deliver`` jobs).
     outputs: OutputSettings = OutputSettings()
     #: De-identify every DICOM file on arrival (web upload and DICOM listener) with this site key
-    #: (PS3.15 Basic Profile + options, :mod:`medsight.dicom.deid`). Results sent back then carry
+    #: (PS3.15 Basic Profile + options, :mod:`medsight.integration.deid`). Results sent back then carry
     #: the de-identified UIDs, so a PACS holding the originals will not file them in its study.
     deid_key_file: Path | None = None
     #: Fault injection for crash-recovery tests only: the worker sleeps this long after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medsight.runtime.settings import RuntimeSettings
+from medsight.predict.settings import RuntimeSettings
 from medsight.serve.catalog import ModelCatalog
 from medsight.serve.config import ServiceSettings
 from medsight.serve.database import Database, open_database

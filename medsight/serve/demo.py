@@ -11,7 +11,7 @@ import json
 
 from rich.console import Console
 
-from medsight.demo import SAMPLES_DIR, sample_path
+from medsight.io.samples import SAMPLES_DIR, sample_path
 from medsight.errors import MedSightError
 from medsight.serve.audit import Actor
 from medsight.serve.context import ServiceContext

@@ -133,7 +133,7 @@ def deidentify_on_arrival(files: list[tuple[str, Path]], work: Path, key_file: P
     profile refuses (e.g. Burned In Annotation = YES) refuses the whole upload.
     The uploaded file names are replaced too: they often hold patient names.
     """
-    from medsight.dicom.deid import DeidConfig, deidentify_file, load_key
+    from medsight.integration.deid import DeidConfig, deidentify_file, load_key
     from medsight.errors import MedSightError
 
     try:

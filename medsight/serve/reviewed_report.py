@@ -8,12 +8,12 @@ transaction, queues ``deliver`` jobs (same retry rules as every delivery) with
 
 * DICOM: a verified Comprehensive SR naming the reader as Verifying Observer and
   listing the SR it supersedes in its Predecessor Documents Sequence
-  (:func:`medsight.dicom.sr.build_sr` with a :class:`~medsight.dicom.results.ReviewAttestation`);
+  (:func:`medsight.integration.sr.build_sr` with a :class:`~medsight.integration.results.ReviewAttestation`);
 * FHIR: the preliminary DiagnosticReport updated in place to ``final``
   (conditional update on its identifier), with the reader as results interpreter
-  (:func:`medsight.dicom.fhir.build_reviewed_fhir_bundle`);
+  (:func:`medsight.integration.fhir.build_reviewed_fhir_bundle`);
 * HL7 v2: the ORU^R01 of the same order again, result status F (confirmed) or C
-  (corrected), with the reader's finding (:func:`medsight.dicom.hl7.build_oru_r01`).
+  (corrected), with the reader's finding (:func:`medsight.integration.hl7.build_oru_r01`).
 
 Both the REST API and the web page submit reviews through here. A channel gets
 a verified report only where it got the preliminary one's kind (DICOM needs a
@@ -69,7 +69,7 @@ def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review,
 
 def _images(ctx: ServiceContext, session: Session, study: Study, review: Review) -> tuple[list, str | None]:
     """The analysed images of the reviewed result's analysis, rebuilt from the stored results and sources."""
-    from medsight.dicom.results import AnalysedImage
+    from medsight.integration.results import AnalysedImage
     from medsight.predict.result import Prediction
     from medsight.serve.analysis import source_header, stand_in_header
 
@@ -94,7 +94,7 @@ def _images(ctx: ServiceContext, session: Session, study: Study, review: Review)
 
 
 def _attestation(ctx: ServiceContext, session: Session, review: Review, reviewed_uid: str):  # noqa: ANN202
-    from medsight.dicom.results import ReviewAttestation
+    from medsight.integration.results import ReviewAttestation
 
     user = session.get(User, review.reviewer_id)
     return ReviewAttestation(sop_instance_uid=reviewed_uid, label=review.label, action=review.action,
@@ -104,8 +104,8 @@ def _attestation(ctx: ServiceContext, session: Session, review: Review, reviewed
 
 def _build(ctx: ServiceContext, session: Session, channel: str, study: Study, images: list, attestation) -> str:  # noqa: ANN001
     if channel == "dicom":
-        from medsight.dicom.files import encode_part10
-        from medsight.dicom.sr import build_sr
+        from medsight.integration.files import encode_part10
+        from medsight.integration.sr import build_sr
 
         previous = _latest_blob(ctx, session, study.id, "dicom")
         predecessor = pydicom.dcmread(io.BytesIO(previous)) if previous is not None else None
@@ -113,13 +113,13 @@ def _build(ctx: ServiceContext, session: Session, channel: str, study: Study, im
             predecessor = None
         return ctx.store.put_bytes(encode_part10(build_sr(images, review=attestation, predecessor=predecessor)))
     if channel == "hl7":
-        from medsight.dicom.hl7 import build_oru_r01, to_er7
+        from medsight.integration.hl7 import build_oru_r01, to_er7
 
         outputs = ctx.settings.outputs
         msg = build_oru_r01(images, sending_facility=outputs.hl7_sending_facility,
                             receiving_application=outputs.hl7_receiving_application, review=attestation)
         return ctx.store.put_bytes(to_er7(msg).encode("utf-8"))
-    from medsight.dicom.fhir import build_reviewed_fhir_bundle, bundle_json
+    from medsight.integration.fhir import build_reviewed_fhir_bundle, bundle_json
 
     previous = _latest_blob(ctx, session, study.id, "fhir")
     preliminary = json.loads(previous) if previous is not None else None

@@ -112,7 +112,7 @@ class Worker:
         a permanent refusal fails the job at once. Either way the blobs stay in
         storage and the job row records the error, so nothing is dropped silently.
         """
-        from medsight.dicom.delivery import DeliveryFailed, send_payloads
+        from medsight.integration.delivery import DeliveryFailed, send_payloads
 
         outputs = self.ctx.settings.outputs
         channel = str(lease.payload.get("channel"))

@@ -68,3 +68,32 @@ def test_class_folders(png_tree):
         load_dataset(png_tree / "folders" / "bar")
     with pytest.raises(DataSetError, match="not found"):
         load_dataset(png_tree / "absent")
+
+
+def test_batches_skip_unreadable_images_and_report_them(tmp_path):
+    from PIL import Image
+
+    from medsight.io.datasets import load_manifest
+
+    rows = ["path,label"]
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'a' if i % 2 else 'b'}")
+    (tmp_path / "2.png").write_bytes(b"not a png")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    ds = load_manifest(tmp_path / "m.csv")
+    failures = []
+    got = list(ds.batches(2, failures))
+    assert [b.index.tolist() for b in got] == [[0, 1], [3], [4]]
+    assert [len(b.images) for b in got] == [2, 1, 1]
+    assert [f.row for f in failures] == [2] and failures[0].source.endswith("2.png") and failures[0].error
+
+
+def test_batches_of_a_set_with_no_readable_image_raise(tmp_path):
+    from medsight.errors import DataSetError
+    from medsight.io.datasets import load_manifest
+
+    (tmp_path / "a.png").write_bytes(b"junk")
+    (tmp_path / "m.csv").write_text("path,label\na.png,x\n")
+    with pytest.raises(DataSetError, match="none of the 1 images could be read"):
+        list(load_manifest(tmp_path / "m.csv").batches())

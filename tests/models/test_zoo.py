@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import medsight
-from medsight.demo import SAMPLES_DIR, sample_path
+from medsight.io.samples import SAMPLES_DIR, sample_path
 from medsight.models.registry import ZOO_DIR, list_cards
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.json"))

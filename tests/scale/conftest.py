@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medsight.runtime.settings import RuntimeSettings
+from medsight.predict.settings import RuntimeSettings
 from tests.conftest import make_images, write_npz
 
 

@@ -92,7 +92,7 @@ def server(tmp_path: Path, models_dir: Path, shape_pngs):  # noqa: ANN001, ANN20
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
 def test_radiologist_workflow_in_chromium(server: str, tmp_path: Path) -> None:
     pw = pytest.importorskip("playwright.sync_api", reason="pip package 'playwright' not installed")
-    from medsight.demo import sample_path
+    from medsight.io.samples import sample_path
 
     dicom = sample_path({"pydicom_data": "RG1_J2KR.dcm"})
     shots = Path(os.environ.get("MEDSIGHT_SCREENSHOTS") or tmp_path / "screenshots")

@@ -10,8 +10,8 @@ import pytest
 
 from medsight.models.package import read_card, write_card
 from medsight.models.registry import list_cards
-from medsight.runtime.backends import TorchBackend, recorded_choice
-from medsight.runtime.settings import RuntimeSettings
+from medsight.predict.backends import TorchBackend, recorded_choice
+from medsight.predict.settings import RuntimeSettings
 from medsight.serve.catalog import ModelCatalog
 
 SAMPLES = Path(__file__).resolve().parents[2] / "medsight" / "samples"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from medsight.demo import SAMPLES_DIR
+from medsight.io.samples import SAMPLES_DIR
 from medsight.errors import MedSightError
 from medsight.models.registry import list_cards
 from medsight.serve.config import ServiceSettings
@@ -17,7 +17,7 @@ from medsight.serve.db import Job, Study, User
 
 
 def test_demo_loads_the_samples_of_installed_models(tmp_path: Path) -> None:
-    from medsight.serve.cli import prepare_demo
+    from medsight.cli.serve import prepare_demo
 
     entries = json.loads((SAMPLES_DIR / "samples.json").read_text())
     installed = {c.name for c in list_cards()}
@@ -44,7 +44,7 @@ def test_demo_loads_the_samples_of_installed_models(tmp_path: Path) -> None:
 
 def test_demo_refuses_a_real_data_folder(tmp_path: Path) -> None:
     from medsight.serve.auth import create_user
-    from medsight.serve.cli import prepare_demo
+    from medsight.cli.serve import prepare_demo
 
     ctx = ServiceContext.build(ServiceSettings(data_dir=tmp_path / "prod", use_zoo=False, model_paths=[tmp_path]))
     try:

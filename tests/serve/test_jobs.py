@@ -159,7 +159,7 @@ def test_admin_retries_a_failed_delivery_once_its_receiver_is_fixed(tmp_path: Pa
     through the API once the server is back, and it is delivered with the very same bundle."""
     import socket
 
-    from tests.dicom.test_delivery import FhirServer
+    from tests.integration.test_delivery import FhirServer
     from tests.serve.conftest import make_service
 
     with socket.socket() as sock:

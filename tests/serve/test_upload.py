@@ -150,7 +150,7 @@ def test_oversize_upload_is_413_and_not_stored(tmp_path: Path, models_dir: Path,
 
 
 def test_deidentification_on_arrival_stores_only_the_deidentified_copy(tmp_path: Path, models_dir: Path) -> None:
-    from medsight.dicom.deid import new_key_file
+    from medsight.integration.deid import new_key_file
     from tests.serve.conftest import make_service
 
     key_file = new_key_file(tmp_path / "site.key")
