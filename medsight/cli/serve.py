@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -137,8 +136,7 @@ def serve_cmd(
         except MedSightError as e:
             _fail(e)
     settings_path = ctx.settings.write_json(ctx.settings.data_dir / "settings.json")
-    procs = [subprocess.Popen([sys.executable, "-m", "medsight.cli", "worker", "--settings", str(settings_path),
-                               "--parent-pid", str(os.getpid())]) for _ in range(workers)]
+    supervisor = _start_workers(ctx, settings_path, workers)
     app = create_app(ctx.settings, ctx=ctx)
     out = Console()
     out.print(f"\nMedSight service: [bold]{ctx.settings.public_url}/[/bold]   (API docs: {ctx.settings.public_url}/docs)")
@@ -152,13 +150,20 @@ def serve_cmd(
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        supervisor.stop()
+
+
+def _start_workers(ctx, settings_path: Path, count: int):  # noqa: ANN001, ANN202 - ServiceContext, WorkerSupervisor
+    """The service's worker processes, restarted with backoff when one dies (each restart audited)."""
+    from medsight.serve.audit import Actor, record
+    from medsight.serve.supervisor import WorkerSupervisor
+
+    def audited(slot: int, code: int, backoff_s: float) -> None:
+        with ctx.db.session() as s:
+            record(s, Actor("medsight-serve", "operator"), "worker.restarted", "worker", slot, exit_code=code, backoff_s=backoff_s)
+
+    argv = [sys.executable, "-m", "medsight.cli", "worker", "--settings", str(settings_path), "--parent-pid", str(os.getpid())]
+    return WorkerSupervisor(argv, count, max_backoff_s=ctx.settings.worker_restart_max_backoff_s, on_restart=audited).start()
 
 
 def _has_users(ctx) -> bool:  # noqa: ANN001

@@ -81,6 +81,12 @@ class ServiceSettings(BaseModel):
     heartbeat_seconds: float | None = Field(default=None, description="default: a third of the lease")
     max_attempts: int = Field(default=3, ge=1, description="claims of one analysis job before it is marked failed")
     poll_seconds: float = Field(default=0.5, gt=0)
+    #: ``/health`` answers 503 "degraded" when no worker has beaten for this long, or when the
+    #: oldest queued job has waited longer than ``queue_max_age_s`` (nobody is taking jobs).
+    worker_stale_s: float = Field(default=60.0, gt=0)
+    queue_max_age_s: float = Field(default=900.0, gt=0)
+    #: ``medsight serve`` restarts a dead worker after 1, 2, 4 ... seconds, at most this long.
+    worker_restart_max_backoff_s: float = Field(default=60.0, gt=0)
     token_hours: float = Field(default=12.0, gt=0)
     cookie_secure: bool = False
     public_url: str = "http://127.0.0.1:8000"

@@ -51,6 +51,9 @@ class User(Base):
     full_name: Mapped[str] = mapped_column(String(128), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    #: consecutive wrong passwords and the lock they earned (medsight.serve.throttle); a success clears both
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class ApiToken(Base):
@@ -213,3 +216,17 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class WorkerBeat(Base):
+    """One row per worker process, refreshed while it runs: the service's evidence that someone
+    is taking jobs (``/health`` reports degraded when no row is fresh). Job leases alone cannot
+    say this: an idle worker holds none."""
+
+    __tablename__ = "worker_beats"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen: Mapped[datetime] = mapped_column(DateTime, index=True)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -8,6 +8,8 @@ and hands the job of a dead worker to a live one.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from medsight.serve.analysis import AnalysisFailed, LeaseLost, analyse_study
 from medsight.serve.audit import Actor, record
 from medsight.serve.context import ServiceContext
-from medsight.serve.db import Study
+from medsight.serve.db import Study, WorkerBeat, utcnow
 from medsight.serve.jobs import Heartbeat, Lease, worker_identity
 from medsight.serve.notify import DeliveryError, backoff_seconds, critical_payload, deliver
 
@@ -52,8 +54,37 @@ class Worker:
         self.done += 1
         return True
 
+    def beat(self) -> None:
+        """Record that this worker is alive (``/health`` counts fresh beats)."""
+        with self.ctx.db.session() as s:
+            row = s.get(WorkerBeat, self.name)
+            if row is None:
+                s.add(WorkerBeat(name=self.name, pid=os.getpid(), host=socket.gethostname()[:255], started_at=utcnow(),
+                                 last_seen=utcnow(), jobs_done=self.done))
+            else:
+                row.last_seen, row.jobs_done = utcnow(), self.done
+
+    def _beat_until(self, done: threading.Event) -> None:
+        while not done.wait(self.ctx.settings.heartbeat_interval) and not self.stop_event.is_set():
+            try:
+                self.beat()
+            except Exception:  # database unreachable: /health will say so; keep trying
+                log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+
     def run(self, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
         """Loop until stopped (or ``max_jobs`` ran, or the queue is empty with ``exit_when_idle``)."""
+        try:
+            self.beat()
+        except Exception:
+            log.warning("worker %s: first heartbeat failed", self.name, exc_info=True)
+        done = threading.Event()
+        threading.Thread(target=self._beat_until, args=(done,), name="medsight-worker-beat", daemon=True).start()
+        try:
+            return self._loop(max_jobs, exit_when_idle)
+        finally:
+            done.set()
+
+    def _loop(self, max_jobs: int | None, exit_when_idle: bool) -> int:
         while not self.stop_event.is_set():
             try:
                 worked = self.run_once()

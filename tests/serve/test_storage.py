@@ -22,9 +22,9 @@ def test_migrations_upgrade_downgrade_upgrade_match_models(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(engine)
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"  # the head
         tables = set(inspect(engine).get_table_names())
-        assert {"users", "studies", "instances", "jobs", "results", "reviews", "audit_events"} <= tables
+        assert {"users", "studies", "instances", "jobs", "results", "reviews", "audit_events", "worker_beats"} <= tables
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"models and migrations disagree: {diff}"
@@ -32,7 +32,7 @@ def test_migrations_upgrade_downgrade_upgrade_match_models(db_url: str) -> None:
         assert current_revision(engine) is None
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"  # the head
         # The append-only triggers came back with the second upgrade.
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO audit_events (ts, actor, action, object_type, detail, prev_hash, hash) "
