@@ -4,7 +4,7 @@ For each finished zoo model:
 
 1. fit each detector design (``VARIANTS``: the network's layer statistics alone, or with
    the image-level statistics too) on its train split with the default threshold rule of
-   ``medsight.predict.ood`` (cross-fitted: 10 class-stratified folds of train, the
+   ``medsight.evaluate.ood_fit`` (cross-fitted: 10 class-stratified folds of train, the
    threshold flags at most 1% of the pooled out-of-fold train scores + val scores, the
    stored detector is the one fitted on all folds but fold 0), and score its test split
    and the other data sets; two **held-out protocols** choose the design without the data
@@ -58,12 +58,13 @@ from medsight.evaluate.gallery import decisions  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from benchmarks.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
-from medsight.predict.ood import (BLOCKS, DEFAULT_FOLDS, DEFAULT_THRESHOLD_RULE, DEFAULT_VAL_FLAG_RATE, LAYERS,  # noqa: E402
-                                  dataset_statistics, fit_detector, fit_ood)
+from medsight.evaluate.ood_fit import (DEFAULT_FOLDS, DEFAULT_THRESHOLD_RULE, DEFAULT_VAL_FLAG_RATE,  # noqa: E402
+                                       dataset_statistics, fit_detector, fit_ood)
+from medsight.predict.ood import BLOCKS, LAYERS  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
 
 TARGET_AUROC, TARGET_FLAG = 0.99, 0.02
-THRESHOLD_RULE_TEXT = (f"cross-fitted ({DEFAULT_THRESHOLD_RULE}, medsight.predict.ood): the train split in {DEFAULT_FOLDS} seeded, "
+THRESHOLD_RULE_TEXT = (f"cross-fitted ({DEFAULT_THRESHOLD_RULE}, medsight.evaluate.ood_fit): the train split in {DEFAULT_FOLDS} seeded, "
                        "class-stratified folds; every train image scored by the detector fitted on the other folds, pooled with "
                        "the val images scored by the stored detector (the one fitted on all folds but fold 0); the threshold "
                        f"flags at most {100 * DEFAULT_VAL_FLAG_RATE:.0f}% of that pool (the earlier rule: at most 1% of val alone)")

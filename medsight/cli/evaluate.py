@@ -113,7 +113,8 @@ def ood_fit_cmd(
     stored detector is one of the fold detectors (fitted on all folds but one)."""
     from medsight.io.datasets import load_dataset
     from medsight.models.package import read_card
-    from medsight.predict.ood import BLOCKS, LAYERS, fit_ood
+    from medsight.evaluate.ood_fit import fit_ood
+    from medsight.predict.ood import BLOCKS, LAYERS
 
     if not package.is_dir():
         _fail(ValueError(f"{package}: not a package directory; to add a detector to a zoo model, use "

@@ -44,13 +44,14 @@ from medsight.evaluate.calibration import (
 )
 from medsight.evaluate.collect import collect_outputs
 from medsight.evaluate.metrics import Scorer, bootstrap_metrics, expected_calibration_error
+from medsight.evaluate.ood_fit import fit_ood
 from medsight.evaluate.thresholds import threshold_for_sensitivity, youden_threshold
 from medsight.io.datasets import LabeledDataset, load_dataset
 from medsight.io.image import MedImage
 from medsight.models.card import Calibration, MetricValue, ModelCard
 from medsight.models.package import load_package, write_card
 from medsight.models.registry import resolve
-from medsight.predict.ood import OOD_FILE, fit_ood
+from medsight.predict.ood import OOD_FILE
 from medsight.predict.predictor import Predictor
 
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(.*)$")

@@ -99,7 +99,7 @@ def ood_agreement(detector: OODDetector | None, out: ForwardOutput, ref: Forward
 def heatmap_agreement(pkg: ModelPackage, backend: InferenceBackend, reference: InferenceBackend, x: torch.Tensor,
                       batch_size: int) -> dict[str, float]:
     """Pearson correlation of each image's heat map (reference's top class) with the reference backend's."""
-    w = pkg.network.net.fc.weight.detach().numpy()
+    w = pkg.network.class_weights()
     size = pkg.card.input.size
     corr = []
     for i in range(0, len(x), batch_size):

@@ -7,7 +7,7 @@ import torch
 from monai.transforms.utils import rescale_instance_array
 from monai.visualize import GradCAM
 
-from medsight.models.networks import FEATURE_LAYER, Classifier
+from medsight.models.networks import FEATURE_MODULE, Classifier
 
 
 def _unit_range(maps: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def gradcam(network: Classifier, x: torch.Tensor, class_idx: int | list[int]) ->
 
     Each map is scaled to [0, 1] per image (hottest = 1); a flat map (no evidence) stays 0.
     """
-    cam = GradCAM(nn_module=network, target_layers=f"net.{FEATURE_LAYER}", postprocessing=_unit_range)
+    cam = GradCAM(nn_module=network, target_layers=FEATURE_MODULE, postprocessing=_unit_range)
     was_training = network.training
     network.eval()
     idx = torch.as_tensor(class_idx).reshape(-1)

@@ -1,7 +1,8 @@
 """Inference backends: the one step that differs between PyTorch, ONNX Runtime and int8.
 
-A backend turns a preprocessed batch (B, C, S, S) into logits (B, K), the last
-feature map (B, C', h, w) and the early layers' channel statistics (the OOD
+A backend turns a preprocessed batch (B, C, S, S) into what
+:meth:`~medsight.models.networks.Classifier.forward_intermediates` returns: logits (B, K),
+the last feature map (B, C', h, w) and the early layers' channel statistics (the OOD
 detector's input), all from one forward pass. Everything before (reading, preprocessing) and after
 (calibration, decisions, referral, heat maps, OOD scores) is done once, by
 :class:`medsight.predict.predictor.Predictor`, for every backend.
@@ -24,9 +25,9 @@ import torch
 
 from medsight.errors import BackendError
 from medsight.models.card import ModelCard
-from medsight.models.networks import Classifier
+from medsight.models.networks import STAT_LAYERS, Classifier
 from medsight.models.package import ModelPackage
-from medsight.predict.export import INPUT, OUTPUTS, STAT_LAYERS, LogitsAndFeatureMap
+from medsight.predict.export import INPUT, OUTPUTS, IntermediatesTuple
 from medsight.predict.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ CHOICES = (*BACKENDS, "auto")
 @dataclass(frozen=True)
 class ForwardOutput:
     logits: np.ndarray  # (B, K) float32
-    feature_maps: np.ndarray  # (B, C, h, w) float32: input of the global average pooling
-    statistics: dict[str, np.ndarray]  # OOD input: {"stem"|"layer1"|"layer2": (B, 2C) channel mean and std}
+    feature_maps: np.ndarray  # (B, C, h, w) float32: Intermediates.feature_map, input of the global average pooling
+    statistics: dict[str, np.ndarray]  # OOD input: {layer in STAT_LAYERS: (B, 2C) channel mean and std}, float64
 
     @staticmethod
     def concat(parts: list["ForwardOutput"]) -> "ForwardOutput":
@@ -69,7 +70,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, network: Classifier):
-        self._module = LogitsAndFeatureMap(network).eval()
+        self._module = IntermediatesTuple(network).eval()
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         with torch.inference_mode():

@@ -31,7 +31,7 @@ from monai.transforms.utils import rescale_instance_array
 def class_activation_maps(feature_maps: np.ndarray, class_weights: np.ndarray, class_idx: Sequence[int], size: int) -> np.ndarray:
     """(B, size, size) heat maps in [0, 1], one for class ``class_idx[b]`` of each image.
 
-    ``feature_maps`` is (B, C, h, w); ``class_weights`` is the linear head's (K, C) weight.
+    ``feature_maps`` is (B, C, h, w); ``class_weights`` is the linear head's (K, C) weight (:meth:`Classifier.class_weights`).
     """
     fmap = torch.as_tensor(np.asarray(feature_maps, dtype=np.float32))
     w = torch.as_tensor(np.asarray(class_weights, dtype=np.float32))[torch.as_tensor(list(class_idx), dtype=torch.long)]

@@ -1,15 +1,16 @@
 """Export a package's network to ONNX with the logits, the last feature map and the OOD statistics.
 
-The feature map (``net.layer4`` activations) is exported next to the logits so heat
-maps stay available on the fast path: for a network that ends in global average
-pooling and a linear layer, Grad-CAM equals the class-weighted sum of that map
-(see :mod:`medsight.predict.cam`), so no gradients are needed. The early layers'
-channel statistics are exported so out-of-distribution scores need no second,
-PyTorch, forward pass either.
+The graph is :meth:`Classifier.forward_intermediates` (the network's one forward walk),
+flattened to a tuple. The feature map is exported next to the logits so heat maps stay
+available on the fast path: for a network that ends in global average pooling and a
+linear layer, Grad-CAM equals the class-weighted sum of that map (see
+:mod:`medsight.predict.cam`), so no gradients are needed. The early layers' channel
+statistics are exported so out-of-distribution scores need no second, PyTorch, forward
+pass either.
 
 The legacy TorchScript exporter (``dynamo=False``) is used: it is part of torch
 itself, needs no ``onnxscript``, and handles this plain convolutional network
-exactly (max abs logit difference ~1e-6, checked by the tests).
+exactly (the tests bound the logit difference to PyTorch).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from medsight.models.card import InputSpec
-from medsight.models.networks import Classifier
+from medsight.models.networks import STAT_LAYERS, Classifier
 
 #: ONNX operator set; 17 is supported by every onnxruntime release since 1.14.
 OPSET = 17
@@ -32,44 +33,20 @@ EXPORT_FORMAT = 2
 INPUT = "input"
 LOGITS = "logits"
 FEATURE_MAP = "feature_map"
-#: blocks whose per-channel activation statistics the OOD detector scores (medsight.predict.ood.LAYERS;
-#: kept here as a literal to avoid an import cycle, the tests check they agree)
-STAT_LAYERS = ("stem", "layer1", "layer2")
 STAT_OUTPUTS = tuple(f"stats_{k}" for k in STAT_LAYERS)
 OUTPUTS = (LOGITS, FEATURE_MAP, *STAT_OUTPUTS)
 
 
-def channel_statistics(h: torch.Tensor) -> torch.Tensor:
-    """(B, 2C): per-channel mean and (unbiased) std, as medsight.predict.ood.layer_statistics computes them."""
-    return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-
-
-class LogitsAndFeatureMap(nn.Module):
-    """The classifier's forward pass, also returning what heat maps and OOD scores need.
-
-    Outputs, in :data:`OUTPUTS` order: logits; the last convolutional feature map (heat
-    maps, :mod:`medsight.predict.cam`); the per-channel statistics of the stem, layer1
-    and layer2 activations (the OOD detector's input, :mod:`medsight.predict.ood`). One
-    forward pass thus serves the whole Predictor on any backend. Mirrors
-    :meth:`Classifier.features` + :meth:`Classifier.head` operation for operation (the
-    tests check its outputs against the network and the OOD module).
-    """
+class IntermediatesTuple(nn.Module):
+    """:meth:`Classifier.forward_intermediates` as a tuple in :data:`OUTPUTS` order (what an exporter can name)."""
 
     def __init__(self, network: Classifier):
         super().__init__()
         self.network = network
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = self.network.net
-        h = n.maxpool(n.act(n.bn1(n.conv1(x))))
-        stats = [channel_statistics(h)]
-        h = n.layer1(h)
-        stats.append(channel_statistics(h))
-        h = n.layer2(h)
-        stats.append(channel_statistics(h))
-        fmap = n.layer4(n.layer3(h))
-        logits = self.network.head(torch.flatten(n.avgpool(fmap), 1))
-        return (logits, fmap, *stats)
+        out = self.network.forward_intermediates(x)
+        return (out.logits, out.feature_map, *(out.statistics[k] for k in STAT_LAYERS))
 
 
 def export_onnx(network: Classifier, spec: InputSpec, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -82,7 +59,7 @@ def export_onnx(network: Classifier, spec: InputSpec, path: str | Path, metadata
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = LogitsAndFeatureMap(network).eval()
+    module = IntermediatesTuple(network).eval()
     example = torch.zeros(2, spec.channels, spec.size, spec.size)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".export-", suffix=".onnx")
     os.close(fd)

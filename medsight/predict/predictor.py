@@ -133,7 +133,7 @@ class Predictor:
             p = self.calibrate(out.logits)
             decisions = [self.decide(row) for row in p]
             # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.predict.cam).
-            maps = (class_activation_maps(out.feature_maps, self.network.net.fc.weight.detach().numpy(),
+            maps = (class_activation_maps(out.feature_maps, self.network.class_weights(),
                                           [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
             # OOD scores from the early layers' statistics, which the backend returns with the logits
             scores = self.ood_scores(out, images)

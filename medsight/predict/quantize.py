@@ -60,7 +60,7 @@ METHOD = ("static int8, QOperator format (onnxruntime.quantization.quantize_stat
 
 #: Operator types quantised (see the module docstring); the OOD statistics subgraph is left fp32.
 OP_TYPES = ["Conv", "Gemm", "Relu", "Add"]
-#: ONNX node-name scopes of the stem (export.LogitsAndFeatureMap: net.conv1 -> bn1 -> act -> maxpool), kept fp32
+#: ONNX node-name scopes of the stem (Classifier.forward_intermediates: net.conv1 -> bn1 -> act -> maxpool), kept fp32
 STEM_SCOPES = ("/conv1/", "/bn1/", "/act/", "/maxpool/")
 
 

@@ -9,7 +9,8 @@ from medsight.errors import BackendError
 from medsight.io.datasets import load_npz
 from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
-from medsight.predict.ood import IMAGE, LAYERS, fit_ood
+from medsight.evaluate.ood_fit import fit_ood
+from medsight.predict.ood import IMAGE, LAYERS
 from medsight.predict.predictor import Predictor
 from medsight.predict.backends import make_backend
 from medsight.predict.cache import int8_model_path

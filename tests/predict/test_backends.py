@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 import medsight
 from medsight.cli import app
 from medsight.errors import BackendError
+from medsight.evaluate.ood_fit import fit_ood
 from medsight.io.datasets import load_npz
 from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
-from medsight.predict.ood import fit_ood
 from medsight.predict.predictor import Predictor
 from medsight.predict.backends import OnnxBackend, TorchBackend, make_backend, recorded_choice
 

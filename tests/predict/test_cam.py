@@ -41,7 +41,7 @@ def test_gradcam_highlights_the_strongest_evidence(tiny_package):
     k = pkg.card.labels.index("disc")
     maps = gradcam(pkg.network, x, k)
     fmap = TorchBackend(pkg.network).forward(x).feature_maps
-    raw = torch.relu(torch.einsum("c,bchw->bhw", pkg.network.net.fc.weight[k].detach(), torch.as_tensor(fmap)))
+    raw = torch.relu(torch.einsum("c,bchw->bhw", torch.as_tensor(pkg.network.class_weights()[k]), torch.as_tensor(fmap)))
     up = torch.nn.functional.interpolate(raw[:, None], size=maps.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     for m, r in zip(maps, up.numpy()):
         if r.max() > r.min():
@@ -56,7 +56,7 @@ def test_cam_matches_pytorch_gradcam(tiny_package, sample_files, runtime_setting
     classes = [i % 2 for i in range(len(images))]
     ref = gradcam(pkg.network, x, classes)
     fmap = make_backend(pkg, backend, runtime_settings).forward(x).feature_maps
-    got = class_activation_maps(fmap, pkg.network.net.fc.weight.detach().numpy(), classes, pkg.card.input.size)
+    got = class_activation_maps(fmap, pkg.network.class_weights(), classes, pkg.card.input.size)
     assert np.abs(got - ref).max() < 1e-4
     for g, r in zip(got, ref):
         if r.std() > 0:

@@ -1,6 +1,9 @@
-"""ONNX export: same logits and feature maps as PyTorch, any batch size, cached by the weights' hash."""
+"""ONNX export: the network's one contract (forward_intermediates) on every backend, any batch size, cached by the weights' hash."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,12 +11,14 @@ import torch
 
 import medsight
 from medsight.errors import BackendError
+from medsight.models.networks import FEATURE_LAYER, STAGES, STAT_LAYERS
 from medsight.models.package import load_package
 from medsight.models.preprocess import batch_to_tensor
 from medsight.models.registry import list_cards, load, resolve
 from medsight.predict.backends import OnnxBackend, TorchBackend, make_backend
 from medsight.predict.cache import WEIGHTS_KEY, onnx_model_path
-from medsight.predict.export import LogitsAndFeatureMap
+from medsight.predict.export import OUTPUTS, IntermediatesTuple
+from medsight.predict.ood import LAYERS, layer_statistics
 from medsight.predict.settings import RuntimeSettings
 
 
@@ -26,10 +31,10 @@ def test_export_wrapper_is_the_classifier(tiny_package, sample_files):
     pkg = load_package(tiny_package)
     x = _batch(pkg, sample_files)
     with torch.no_grad():
-        logits, fmap, *_ = LogitsAndFeatureMap(pkg.network)(x)
+        logits, fmap, *_ = IntermediatesTuple(pkg.network)(x)
         assert torch.equal(logits, pkg.network(x))
         assert torch.allclose(fmap.mean(dim=(2, 3)), pkg.network.features(x), atol=1e-6)
-    assert fmap.shape[:2] == (len(sample_files), pkg.network.net.fc.in_features)
+    assert fmap.shape[:2] == (len(sample_files), pkg.network.class_weights().shape[1])
 
 
 def test_onnx_matches_torch_on_real_images(tiny_package, sample_files, runtime_settings):
@@ -43,17 +48,45 @@ def test_onnx_matches_torch_on_real_images(tiny_package, sample_files, runtime_s
         np.testing.assert_allclose(got.statistics[k], ref.statistics[k], rtol=1e-4, atol=1e-5)
 
 
-def test_exported_statistics_are_the_ood_detectors_input(tiny_package, sample_files):
-    """The OOD detector scores exactly the statistics every backend returns."""
-    from medsight.predict.ood import LAYERS, layer_statistics
-    from medsight.predict.export import STAT_LAYERS
-
-    assert STAT_LAYERS == LAYERS
+def test_every_backend_and_the_ood_statistics_are_forward_intermediates(tiny_package, sample_files, runtime_settings):
+    """One contract: the torch and ONNX backends and the OOD detector's layer_statistics all return what
+    Classifier.forward_intermediates returns (torch exactly, ONNX to float precision)."""
     pkg = load_package(tiny_package)
     x = _batch(pkg, sample_files)
-    got, want = TorchBackend(pkg.network).forward(x).statistics, layer_statistics(pkg.network, x)
-    for k in LAYERS:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        ref = pkg.network.forward_intermediates(x)
+        assert torch.equal(ref.logits, pkg.network(x))
+    assert tuple(ref.statistics) == STAT_LAYERS
+    assert {k: v.shape[1] for k, v in ref.statistics.items()} == pkg.network.statistic_widths()
+    eager = TorchBackend(pkg.network).forward(x)
+    np.testing.assert_array_equal(eager.logits, ref.logits.numpy())
+    np.testing.assert_array_equal(eager.feature_maps, ref.feature_map.numpy())
+    ood = layer_statistics(pkg.network, x, batch_size=3)  # batched: rows must not depend on the batch
+    fast = make_backend(pkg, "onnx", runtime_settings).forward(x)
+    assert np.abs(fast.logits - eager.logits).max() <= 1e-4 and np.abs(fast.feature_maps - eager.feature_maps).max() <= 1e-4
+    for k in STAT_LAYERS:
+        want = ref.statistics[k].numpy().astype(np.float64)
+        np.testing.assert_array_equal(eager.statistics[k], want)
+        np.testing.assert_allclose(ood[k], want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fast.statistics[k], want, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_names_are_written_once():
+    """The stage names live in medsight/models/networks.py: the export's outputs (which the ONNX backend reads
+    by name) and the OOD blocks derive from them; no other module spells a stage name or reaches into ``net``."""
+    assert LAYERS == STAT_LAYERS and set(STAT_LAYERS) | {FEATURE_LAYER} <= set(STAGES)
+    assert OUTPUTS == ("logits", "feature_map", *(f"stats_{k}" for k in STAT_LAYERS))
+    root = Path(medsight.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "models" / "networks.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in STAGES:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+            elif isinstance(node, ast.Attribute) and node.attr == "net":
+                found.append(f"{path.relative_to(root)}:{node.lineno} .net")
+    assert not found, found
 
 
 def test_dynamic_batch_axis(tiny_package, sample_files, runtime_settings):
