@@ -50,8 +50,7 @@ from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.metrics import expected_calibration_error  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from benchmarks.shipped import shipped_models  # noqa: E402
-from medsight.models.package import load_package  # noqa: E402
-from medsight.predict.predictor import Predictor  # noqa: E402
+from medsight.predict.load import load_model  # noqa: E402
 
 TARGET = 0.03
 BINS = 15
@@ -99,7 +98,7 @@ def em_cross_fitted(p: np.ndarray, source: np.ndarray, seed: int = 0) -> tuple[n
 
 def run_model(m, data_root: Path, n_boot: int) -> dict:
     rng = np.random.default_rng(0)
-    pred = Predictor(load_package(m.directory))
+    pred = load_model(m.directory, backend="torch")  # the reference logits the recorded results were measured on
     splits = m.splits(data_root)
     val, test = (collect_outputs(pred, splits[s]) for s in ("val", "test"))
     yv = splits["val"].y[val.index].astype(int)

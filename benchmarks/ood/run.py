@@ -54,14 +54,14 @@ sys.path.insert(0, str(ROOT))
 from medsight import __version__  # noqa: E402
 from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.curves import risk_coverage  # noqa: E402
-from medsight.evaluate.gallery import decisions  # noqa: E402
+from medsight.models.policy import decided_classes  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from benchmarks.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
 from medsight.evaluate.ood_fit import (DEFAULT_FOLDS, DEFAULT_THRESHOLD_RULE, DEFAULT_VAL_FLAG_RATE,  # noqa: E402
                                        dataset_statistics, fit_detector, fit_ood)
 from medsight.predict.ood import BLOCKS, LAYERS  # noqa: E402
-from medsight.predict.predictor import Predictor  # noqa: E402
+from medsight.predict.load import load_model  # noqa: E402
 
 TARGET_AUROC, TARGET_FLAG = 0.99, 0.02
 THRESHOLD_RULE_TEXT = (f"cross-fitted ({DEFAULT_THRESHOLD_RULE}, medsight.evaluate.ood_fit): the train split in {DEFAULT_FOLDS} seeded, "
@@ -198,7 +198,8 @@ def run_model(m, data_root: Path, per_set: int, write: bool, reselect: bool = Fa
         info = fit_ood(target, splits["train"], splits["val"], blocks=VARIANTS[shipped], selection=selection)
         fit_s = time.time() - t
         pkg = load_package(target)
-        pred = Predictor(pkg)  # the deployed path: its own detector, preprocessing and calibration
+        # the deployed path (its own detector, preprocessing and calibration) on the torch backend the fit below uses
+        pred = load_model(pkg, backend="torch")
         det = pred.ood
         test = collect_outputs(pred, splits["test"])
         s_in = test.ood_scores
@@ -210,7 +211,7 @@ def run_model(m, data_root: Path, per_set: int, write: bool, reselect: bool = Fa
         # selective prediction on the in-distribution test split
         probs = pred.calibrate(test.logits)
         y = splits["test"].y[test.index].astype(int)
-        dec = decisions(pkg.card, probs)
+        dec = decided_classes(pkg.card, probs)
         conf = probs[np.arange(len(y)), dec]
         correct = dec == y
         rc = risk_coverage(conf, correct)

@@ -32,7 +32,7 @@ from medsight.predict.backends import OnnxBackend, TorchBackend  # noqa: E402
 from medsight.predict.cache import onnx_model_path  # noqa: E402
 from medsight.predict.quantize import DatasetCalibrationReader, _preprocess, calibration_sample  # noqa: E402
 from medsight.predict.settings import RuntimeSettings  # noqa: E402
-from medsight.evaluate.tune import _forward, auc, ood_agreement, split_tensor  # noqa: E402
+from medsight.evaluate.tune import _forward, auc, ood_agreement, split_inputs  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
 
 STEM = ["/conv1/Conv", "/act/Relu", "/maxpool/MaxPool"]
@@ -75,14 +75,15 @@ def main() -> None:
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=c["ops"],
                         nodes_to_exclude=c.get("exclude", []))
         backends[v] = OnnxBackend(out / f"{v}.onnx", settings, v)
-    x = split_tensor(pkg, test)
-    detector, ref = load_ood(pkg), _forward(TorchBackend(pkg.network), x, 32)
-    images = [test.image(i) for i in range(len(test))] if detector is not None and detector.uses_images else None
-    ref_auc = auc(card, test.y, ref.logits)
+    detector = load_ood(pkg)
+    inputs = split_inputs(pkg, test, keep_images=detector is not None and detector.uses_images)
+    x, y, images = inputs.x, test.y[inputs.rows], inputs.images
+    ref = _forward(TorchBackend(pkg.network), x, 32)
+    ref_auc = auc(card, y, ref.logits)
     rows = {}
     for v, b in backends.items():
         o = _forward(b, x, 32)
-        rows[v] = {"auc_drop": ref_auc - auc(card, test.y, o.logits), "ood": ood_agreement(detector, o, ref, images).get("ood_flag_agreement", 1.0)}
+        rows[v] = {"auc_drop": ref_auc - auc(card, y, o.logits), "ood": ood_agreement(detector, o, ref, images).get("ood_flag_agreement", 1.0)}
     xx = x[:128] if len(x) >= 128 else x.repeat(128 // len(x) + 1, 1, 1, 1)[:128]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         pkg.network(xx[:1])

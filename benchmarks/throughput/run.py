@@ -51,9 +51,9 @@ from medsight.io.readers import read_image  # noqa: E402
 from medsight.models.package import ModelPackage  # noqa: E402
 from medsight.models.preprocess import batch_to_tensor  # noqa: E402
 from medsight.models.registry import list_cards, load  # noqa: E402
+from medsight.predict.backends import BACKENDS, InferenceBackend, recorded_choice  # noqa: E402
+from medsight.predict.load import load_model  # noqa: E402
 from medsight.predict.predictor import Predictor  # noqa: E402
-from medsight.predict.backends import BACKENDS, InferenceBackend, make_backend, recorded_choice  # noqa: E402
-from medsight.predict.stream import predict_stream  # noqa: E402
 from medsight.predict.settings import RuntimeSettings, available_cores  # noqa: E402
 from medsight.evaluate.tune import cpu_model  # noqa: E402
 from medsight.train.recipe import Recipe, recipe_splits  # noqa: E402
@@ -218,19 +218,20 @@ def bench_model(name: str, args: argparse.Namespace, settings: RuntimeSettings, 
                            "images": image_set, "flops_per_image": flops, "backends": {}}
     choice, reason = recorded_choice(pkg.card)
     out["auto"] = {"backend": choice, "reason": reason}
-    backends: dict[str, InferenceBackend] = {}
+    predictors: dict[str, Predictor] = {}
     for bname in BACKENDS:
         try:
-            backends[bname] = make_backend(pkg, bname, settings)
+            predictors[bname] = load_model(pkg, bname, settings)
         except BackendError as e:
             out["backends"][bname] = {"skipped": str(e)}
+    backends: dict[str, InferenceBackend] = {k: p.backend for k, p in predictors.items()}
     all_rates = interleaved_throughput(backends, x, args.batch_sizes, args.seconds, args.repeats)
     one = [images[i % len(images)] for i in range(len(images))]
-    for bname, backend in backends.items():
+    for bname, pred in predictors.items():
+        backend = pred.backend
         rates = all_rates[bname]
         best = max(rates.values())
         peak = peaks["int8" if bname == "onnx-int8" else "fp32"]
-        pred = Predictor(pkg, backend)
         out["backends"][bname] = {
             "images_per_s": rates,
             "best_images_per_s": best,
@@ -261,7 +262,7 @@ def bench_dicom_e2e(args: argparse.Namespace, settings: RuntimeSettings) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         for bname in BACKENDS:
             try:
-                pred = Predictor(pkg, make_backend(pkg, bname, settings))
+                pred = load_model(pkg, bname, settings)
             except BackendError as e:
                 out["backends"][bname] = {"skipped": str(e)}
                 continue
@@ -345,10 +346,10 @@ def bench_decode_overlap(args: argparse.Namespace, settings: RuntimeSettings) ->
     for threads, workers in configs:
         s = RuntimeSettings(cache_dir=settings.cache_dir, intra_op_threads=threads, decode_workers=workers)
         torch.set_num_threads(threads)
-        pred = Predictor(pkg, make_backend(pkg, backend_name, s))
-        list(predict_stream(pred, files[:16], batch_size=16, workers=0))  # warm-up
+        pred = load_model(pkg, backend_name, s)
+        list(pred.stream(files[:16], batch_size=16, workers=0))  # warm-up
         t = time.perf_counter()
-        n = sum(1 for _ in predict_stream(pred, files, batch_size=16, workers=workers))
+        n = sum(1 for _ in pred.stream(files, batch_size=16, workers=workers))
         rate = round(n / (time.perf_counter() - t), 1)
         out["runs"].append({"inference_threads": threads, "decode_workers": workers, "files_per_s": rate})
         print(f"  pipeline threads={threads} workers={workers}: {rate} files/s", flush=True)
@@ -369,10 +370,10 @@ def bench_spinning(args: argparse.Namespace, settings: RuntimeSettings) -> dict[
         for spin in (True, False):
             s = RuntimeSettings(cache_dir=settings.cache_dir, intra_op_threads=settings.intra_op_threads, decode_workers=0, ort_spinning=spin)
             try:
-                backend = make_backend(pkg, bname, s)
+                pred = load_model(pkg, bname, s)
             except BackendError:
                 continue
-            pred = Predictor(pkg, backend)
+            backend = pred.backend
             out["runs"].append({"backend": bname, "spinning": spin,
                                 "predict_one_image": latency(lambda i: pred.predict(images[i % len(images)]), args.latency_runs),
                                 "images_per_s_bs32": round(throughput(backend, x, 32, args.seconds, args.repeats), 1)})

@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 from medsight import __version__  # noqa: E402
 from medsight.evaluate.report import ValidationOptions, jsonable, validate_dataset, write_report  # noqa: E402
 from benchmarks.shipped import shipped_models  # noqa: E402
-from medsight.models.package import load_package  # noqa: E402
-from medsight.predict.predictor import Predictor  # noqa: E402
+from medsight.predict.load import load_model  # noqa: E402
 
 SUBGROUPS = {
     "ham10000_subset224": ["sex", "age_bin", "ham_source"],
@@ -93,7 +92,7 @@ def main() -> None:
         t = time.time()
         opts = ValidationOptions(subgroups=SUBGROUPS.get(m.source, NO_DEMOGRAPHICS), prevalence=args.prevalence, n_boot=args.n_boot,
                                  gallery_size=args.gallery)
-        result = validate_dataset(Predictor(load_package(m.directory)), m.splits(args.data_root)["test"], opts,
+        result = validate_dataset(load_model(m.directory, backend="torch"), m.splits(args.data_root)["test"], opts,
                                   source=f"{m.source} (recipe test split)", split="test")
         write_report(result, args.out / "results" / m.name)
         rows.append(summarise(result, time.time() - t))

@@ -20,7 +20,7 @@ from rich.table import Table
 from medsight.errors import MedSightError
 from medsight.explain.overlay import save_overlay
 from medsight.io.samples import sample_entries, sample_path
-from medsight.models.registry import load
+from medsight.predict.load import load_model
 from medsight.predict.predictor import Predictor
 
 def run_demo(out_dir: Path, console: Console | None = None) -> list[dict[str, Any]]:
@@ -32,7 +32,7 @@ def run_demo(out_dir: Path, console: Console | None = None) -> list[dict[str, An
     for i, e in enumerate(entries):
         name = e["model"]
         if name not in predictors:
-            predictors[name] = Predictor(load(name))
+            predictors[name] = load_model(name)
         path = sample_path(e)
         row: dict[str, Any] = {"sample": path.name, "model": name, "truth": e.get("truth"), "note": e.get("note", ""),
                                "source": e.get("source", ""), "licence": e.get("licence", "")}

@@ -1,6 +1,7 @@
 """The most confident mistakes, with their heat maps: where a reviewer should look first.
 
-"Positive" means the model's findings of interest: the positive label of a binary
+"Positive" means the model's findings of interest
+(:func:`medsight.models.policy.classes_of_interest`): the positive label of a binary
 model, or the card's critical findings of a multi-class model (all classes when it
 names none).
 
@@ -24,31 +25,16 @@ from medsight.evaluate.figures import png_base64
 from medsight.explain.overlay import overlay_rgb
 from medsight.io.datasets import LabeledDataset
 from medsight.models.card import ModelCard
+from medsight.models.policy import classes_of_interest, decided_classes
 from medsight.predict.predictor import Predictor
 
 THUMB = 176  # longest side of a gallery thumbnail in pixels: the size it is shown at (keeps the HTML small)
 
 
-def positive_classes(card: ModelCard) -> list[int]:
-    if card.task == "binary":
-        return [card.positive_index]
-    named = [card.labels.index(f) for f in card.critical_findings]
-    return named or list(range(card.num_outputs))
-
-
-def decisions(card: ModelCard, probs: np.ndarray) -> np.ndarray:
-    """Class index the model reports for each row (binary: the card's threshold on the positive class)."""
-    if card.task == "binary":
-        pos = card.positive_index
-        th = card.thresholds.get(card.positive_label or "", 0.5)
-        return np.where(probs[:, pos] >= th, pos, 1 - pos)
-    return probs.argmax(axis=1)
-
-
 def select_errors(card: ModelCard, y: np.ndarray, probs: np.ndarray, k: int) -> dict[str, list[int]]:
     """Row indices of the ``k`` most confident false positives and false negatives."""
-    pred = decisions(card, probs)
-    pos = np.isin(np.arange(card.num_outputs), positive_classes(card))
+    pred = decided_classes(card, probs)
+    pos = np.isin(np.arange(card.num_outputs), classes_of_interest(card))
     conf_pred = probs[np.arange(len(pred)), pred]
     fp = np.where(pos[pred] & (pred != y))[0]
     fn = np.where(pos[y] & (pred != y))[0]

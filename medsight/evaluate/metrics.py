@@ -23,6 +23,8 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from medsight.errors import DataSetError
+from medsight.models.card import ModelCard
+from medsight.models.policy import operating_threshold
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "fpr", "f1", "brier", "ece")
 
@@ -127,6 +129,13 @@ class Scorer:
     task: str
     positive_index: int = 1
     threshold: float = 0.5
+
+    @classmethod
+    def for_card(cls, card: ModelCard, threshold: float | None = None) -> "Scorer":
+        """Metrics at the card's operating point (:func:`medsight.models.policy.operating_threshold`),
+        or at ``threshold`` when given."""
+        return cls(card.task, card.positive_index if card.task == "binary" else 1,
+                   operating_threshold(card) if threshold is None else threshold)
 
     def __call__(self, y: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
         if len(y) == 0:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medsight._version import __version__
 from medsight.errors import DataSetError, ModelCardError, PackageOutputError, UnsupportedTaskError
@@ -52,7 +53,9 @@ from medsight.models.card import Calibration, MetricValue, ModelCard
 from medsight.models.package import load_package, write_card
 from medsight.models.registry import resolve
 from medsight.predict.ood import OOD_FILE
+from medsight.predict.load import load_model
 from medsight.predict.predictor import Predictor
+from medsight.predict.stream import Prepared, decoded_batches
 
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(.*)$")
 
@@ -92,20 +95,12 @@ def _choose_threshold(card: ModelCard, y: np.ndarray, probs: np.ndarray, target:
 
 def _unlabelled_logits(pred: Predictor, images: list[Path] | list[MedImage], batch_size: int = 64) -> tuple[np.ndarray, int]:
     """Logits of the unlabelled images that can be read (unreadable ones are counted, not fatal)."""
-    from medsight.errors import MedSightError
-    from medsight.models.preprocess import batch_to_tensor
-    from medsight.predict.predictor import as_image
-
     parts, bad = [], 0
-    for i in range(0, len(images), batch_size):
-        batch = []
-        for item in images[i : i + batch_size]:
-            try:
-                batch.append(as_image(item))
-            except MedSightError:
-                bad += 1
-        if batch:
-            parts.append(pred.logits(batch_to_tensor(batch, pred.card.input)))
+    for batch in decoded_batches(images, batch_size, workers=pred.settings.decode_workers, spec=pred.card.input):
+        ready = [d.tensor for d in batch if isinstance(d, Prepared)]
+        bad += len(batch) - len(ready)
+        if ready:
+            parts.append(pred.logits(torch.stack(ready)))
     if not parts:
         raise DataSetError(f"none of the {len(images)} unlabelled images could be read")
     return np.concatenate(parts), bad
@@ -137,7 +132,7 @@ def recalibrate_dataset(
         raise DataSetError(f"{ds.name}: labels {ds.label_names} do not match the model's {card.labels}")
     if unlabelled is not None and len(unlabelled) == 0:
         raise DataSetError("no unlabelled images given for the prior adaptation")
-    pred = Predictor(pkg)
+    pred = load_model(pkg)
     outputs = collect_outputs(pred, ds)
     y = np.asarray(ds.y)[outputs.index].astype(int)
     if len(np.unique(y)) < 2:
@@ -168,14 +163,12 @@ def recalibrate_dataset(
     # for a binary model, so the threshold keeps the sensitivity it was chosen for on the labelled data)
     final_probs = calibrated_probabilities(outputs.logits, new_cal)
     thresholds, rule = _choose_threshold(card, y, final_probs, target_sensitivity)
-    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
-                    thresholds.get(card.positive_label or "", 0.5))
-    local = bootstrap_metrics(scorer, y, final_probs, n_boot=n_boot)
 
     new = card.model_copy(deep=True)
     new.version = version or bump_version(card.version)
     new.calibration = new_cal
     new.thresholds = thresholds
+    local = bootstrap_metrics(Scorer.for_card(new), y, final_probs, n_boot=n_boot)
     new.validation_metrics = {k: MetricValue(**v) for k, v in local.items()}
     new.test_metrics = {}
     summary = {

@@ -33,13 +33,14 @@ from medsight.evaluate import figures
 from medsight.evaluate.calibration import probabilities
 from medsight.evaluate.collect import DatasetOutputs, collect_outputs
 from medsight.evaluate.curves import binary_curves, one_vs_rest_curves, reliability_bins, risk_coverage
-from medsight.evaluate.gallery import decisions, gallery_items, positive_classes, select_errors
+from medsight.evaluate.gallery import gallery_items, select_errors
 from medsight.evaluate.metrics import METRICS, Scorer, bootstrap_metrics, expected_calibration_error
 from medsight.evaluate.operating_points import threshold_table, wilson_ci
 from medsight.evaluate.subgroups import UNKNOWN, SubgroupConfig, analyse_subgroups, subgroup_frame, tested_metrics
 from medsight.io.datasets import LabeledDataset, load_dataset
 from medsight.models.card import ModelCard
-from medsight.models.registry import load
+from medsight.models.policy import classes_of_interest, decided_classes, operating_threshold, out_of_distribution
+from medsight.predict.load import load_model
 from medsight.predict.predictor import Predictor
 
 REPORT_HTML = "report.html"
@@ -143,7 +144,7 @@ def _dataset_summary(ds: LabeledDataset, out: DatasetOutputs, y: np.ndarray, car
     if card.task == "binary":
         summary["prevalence"] = float(counts[card.positive_index] / len(y))
     if out.ood_scores is not None and card.ood:
-        flagged = out.ood_scores > float(card.ood["threshold"])
+        flagged = out_of_distribution(card, out.ood_scores)
         summary["ood"] = {"n_flagged": int(flagged.sum()), "share_flagged": float(flagged.mean()),
                           "threshold": float(card.ood["threshold"]), "median_score": float(np.median(out.ood_scores))}
     return summary
@@ -189,10 +190,10 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
     out = collect_outputs(predictor, ds)
     y = np.asarray(ds.y)[out.index].astype(int)
     probs = predictor.calibrate(out.logits)  # the card's calibration, whatever its method
-    pred = decisions(card, probs)
+    pred = decided_classes(card, probs)
     binary = card.task == "binary"
-    threshold = card.thresholds.get(card.positive_label or "", 0.5) if binary else None
-    scorer = Scorer(card.task, card.positive_index if binary else 1, threshold if binary else 0.5)
+    threshold = operating_threshold(card) if binary else None
+    scorer = Scorer.for_card(card)
     summary = _dataset_summary(ds, out, y, card, source or str(ds.name), split)
 
     if binary:
@@ -204,7 +205,7 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
         curves = one_vs_rest_curves(y, probs, card.labels, opts.n_boot, opts.seed)
         tables = [{"label": card.labels[k], "scope": "one-vs-rest", "table": threshold_table(
             (y == k).astype(int), probs[:, k], None, opts.prevalence, opts.target_sensitivities, opts.fixed_thresholds)}
-            for k in positive_classes(card)]
+            for k in classes_of_interest(card)]
     calib = {"definition": f"top-label ECE, {ECE_BINS} equal-width bins; before = temperature 1, after = the card's calibration",
              "before": _calibration_block(card, y, probabilities(out.logits, 1.0), "none", 1.0),
              "after": _calibration_block(card, y, probs, card.calibration.method, card.calibration.temperature)}
@@ -233,7 +234,7 @@ def validate_dataset(predictor: Predictor, ds: LabeledDataset, options: Validati
         SubgroupConfig(opts.min_cases, opts.min_class_cases, opts.n_boot, 0.05, opts.seed)) if sub_frame is not None else None
     picks = select_errors(card, y, probs, opts.gallery_size)
     result["gallery"] = {
-        "positive_classes": [card.labels[k] for k in positive_classes(card)],
+        "positive_classes": [card.labels[k] for k in classes_of_interest(card)],
         **{kind: gallery_items(predictor, ds, rows, out.index, y, probs) for kind, rows in picks.items()},
     }
     result["warnings"] = _top_warnings(card, summary, calib, opts) + (result["subgroups"]["warnings"] if result["subgroups"] else [])
@@ -263,7 +264,7 @@ def _figures(card: ModelCard, r: dict[str, Any], pred: np.ndarray, y: np.ndarray
 
 def validate(model: str | Path, data: str | Path, split: str | None = None, options: ValidationOptions | None = None) -> dict[str, Any]:
     """Load a model (zoo name or package dir) and a data set (.npz / CSV manifest / class folders) and validate."""
-    predictor = Predictor(load(model))
+    predictor = load_model(model)
     ds = load_dataset(data, split, label_names=predictor.card.labels)
     return validate_dataset(predictor, ds, options, source=str(data), split=split)
 

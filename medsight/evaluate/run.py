@@ -7,26 +7,28 @@ from typing import Any
 
 from medsight.errors import DataSetError
 from medsight.evaluate.metrics import METRICS, Scorer, bootstrap_metrics
-from medsight.io.datasets import load_dataset
-from medsight.models.registry import load
-from medsight.predict.predictor import Predictor
+from medsight.io.datasets import ReadFailure, load_dataset
+from medsight.models.policy import operating_threshold
+from medsight.predict.load import load_model
 
 
 def evaluate(model: str | Path, data: str | Path, split: str | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    pkg = load(model)
-    card = pkg.card
+    """Metrics with CIs on the readable images (``n``); unreadable ones are left out and counted (``n_unreadable``)."""
+    predictor = load_model(model)
+    card = predictor.card
     ds = load_dataset(data, split, label_names=card.labels)
     if len(ds) == 0:
         raise DataSetError(f"{data}: empty data set")
     if ds.label_names != card.labels:
         raise DataSetError(f"{data}: labels {ds.label_names} do not match the model's {card.labels}")
-    probs = Predictor(pkg).predict_dataset_probs(ds)
-    threshold = card.thresholds.get(card.positive_label or "", 0.5)
-    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1, threshold)
-    metrics = bootstrap_metrics(scorer, ds.y, probs, n_boot=n_boot, seed=seed)
+    failures: list[ReadFailure] = []
+    probs, rows = predictor.dataset_probs(ds, failures=failures)
+    metrics = bootstrap_metrics(Scorer.for_card(card), ds.y[rows], probs, n_boot=n_boot, seed=seed)
     return {
-        "model": f"{card.name}@{card.version}", "data": str(data), "split": split, "n": len(ds),
-        "class_counts": ds.class_counts(), "task": card.task, "threshold": threshold if card.task == "binary" else None,
+        "model": predictor.model_id, "data": str(data), "split": split, "n": len(rows),
+        "n_unreadable": len(failures), "unreadable": [f.as_dict() for f in failures],
+        "class_counts": ds.class_counts(), "task": card.task,
+        "threshold": operating_threshold(card) if card.task == "binary" else None,
         "averaging": "binary (positive = %s)" % card.positive_label if card.task == "binary" else "macro one-vs-rest",
         "ci_method": f"percentile bootstrap, {n_boot} resamples, 95%", "metric_names": list(METRICS), **metrics,
     }

@@ -40,7 +40,7 @@ from medsight._version import __version__
 from medsight.errors import BackendError
 from medsight.evaluate.calibration import probabilities
 from medsight.evaluate.metrics import Scorer
-from medsight.io.datasets import LabeledDataset
+from medsight.io.datasets import LabeledDataset, ReadFailure
 from medsight.io.image import MedImage
 from medsight.models.card import ModelCard
 from medsight.models.package import ModelPackage, load_package, read_card, sha256_of, write_card
@@ -72,10 +72,26 @@ class TuneConfig:
     seed: int = 0
 
 
-def split_tensor(pkg: ModelPackage, ds: LabeledDataset, batch: int = 256) -> torch.Tensor:
-    """Every test image through the one preprocessing path."""
-    parts = [batch_to_tensor([ds.image(j) for j in range(i, min(i + batch, len(ds)))], pkg.card.input) for i in range(0, len(ds), batch)]
-    return torch.cat(parts)
+@dataclass(frozen=True)
+class SplitInputs:
+    """A split's readable images through the one preprocessing path."""
+
+    x: torch.Tensor
+    rows: np.ndarray  # their rows in the split: ``ds.y[rows]`` are their labels
+    images: list[MedImage] | None  # kept when asked: a detector that scores image statistics needs them
+    n_unreadable: int
+
+
+def split_inputs(pkg: ModelPackage, ds: LabeledDataset, keep_images: bool = False, batch: int = 256) -> SplitInputs:
+    """Every readable image of ``ds`` preprocessed (unreadable ones are skipped and counted)."""
+    failures: list[ReadFailure] = []
+    xs, rows, images = [], [], []
+    for b in ds.batches(batch, failures):
+        xs.append(batch_to_tensor(b.images, pkg.card.input))
+        rows.append(b.index)
+        if keep_images:
+            images.extend(b.images)
+    return SplitInputs(torch.cat(xs), np.concatenate(rows), images if keep_images else None, len(failures))
 
 
 def _forward(backend: InferenceBackend, x: torch.Tensor, batch_size: int) -> ForwardOutput:
@@ -114,9 +130,7 @@ def heatmap_agreement(pkg: ModelPackage, backend: InferenceBackend, reference: I
 def auc(card: ModelCard, y: np.ndarray, logits: np.ndarray) -> float | None:
     """The card's test metric AUC (binary: positive class; multi-class: macro one-vs-rest)."""
     p = probabilities(logits, card.calibration.temperature, card.task == "multilabel")
-    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
-                    card.thresholds.get(card.positive_label or "", 0.5))
-    return scorer(y, p).get("auc")
+    return Scorer.for_card(card)(y, p).get("auc")
 
 
 def images_per_second(backend: InferenceBackend, x: torch.Tensor, batch_size: int, repeats: int) -> float:
@@ -168,23 +182,23 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
     d = Path(package_dir)
     pkg = load_package(d)
     card = pkg.card
-    x = split_tensor(pkg, test)
+    detector = load_ood(pkg)
+    inputs = split_inputs(pkg, test, keep_images=detector is not None and detector.uses_images)
+    x, y, images = inputs.x, test.y[inputs.rows], inputs.images
     torch_b = TorchBackend(pkg.network)
     onnx_b = OnnxBackend(onnx_model_path(pkg, settings), settings, "onnx")
     calib_ds = train.subset(calibration_sample(train, cfg.calibration_images, cfg.seed))
     calibration = measure_calibration(onnx_b.model_path, calib_ds, card.input)
     int8_b = OnnxBackend(int8_model_path(pkg, settings, calibration), settings, "onnx-int8")
 
-    detector = load_ood(pkg)
-    images = [test.image(i) for i in range(len(test))] if detector is not None and detector.uses_images else None
     ref_out = _forward(torch_b, x, cfg.batch_size)
     ref = ref_out.logits
-    ref_auc = auc(card, test.y, ref)
+    ref_auc = auc(card, y, ref)
     timing_x = x[: cfg.timing_images]
     candidates: dict[str, dict[str, Any]] = {}
     for b in (torch_b, onnx_b, int8_b):
         out = ref_out if b is torch_b else _forward(b, x, cfg.batch_size)
-        a = auc(card, test.y, out.logits)
+        a = auc(card, y, out.logits)
         diff = float(np.abs(out.logits - ref).max())
         entry: dict[str, Any] = {"images_per_s": round(images_per_second(b, timing_x, cfg.batch_size, cfg.timing_repeats), 1),
                                  "test_auc": a, "max_abs_logit_diff": diff,
@@ -208,9 +222,10 @@ def tune(package_dir: str | Path, train: LabeledDataset, test: LabeledDataset, s
             entry.update(eligible=auc_ok and ood_ok, why=why)
         candidates[b.name] = entry
     choice, reason = choose(candidates)
+    skipped = f"; {inputs.n_unreadable} unreadable images left out" if inputs.n_unreadable else ""
     runtime = {
         "backend": choice, "reason": reason, "weights_sha256": card.weights_sha256,
-        "rule": asdict(cfg.rule), "test_set": f"{test.name} (n={len(test)})",
+        "rule": asdict(cfg.rule), "test_set": f"{test.name} (n={len(y)}{skipped})",
         "timing": {"batch_size": cfg.batch_size, "images": int(len(timing_x)), "repeats": cfg.timing_repeats,
                    "threads": settings.intra_op_threads},
         "machine": machine(), "candidates": candidates, "medsight_version": __version__,

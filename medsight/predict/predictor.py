@@ -1,49 +1,43 @@
 """The one inference path: image(s) + model package -> calibrated predictions.
 
 Everything that classifies an image (library, CLI, service, DICOM gateway,
-evaluation) goes through :class:`Predictor`, so preprocessing, calibration,
-thresholds and the referral policy are applied identically everywhere.
+evaluation) goes through :class:`Predictor`, so preprocessing, calibration and the
+card's policy (:mod:`medsight.models.policy`: decision rule, referral) are applied
+identically everywhere. Get one from :func:`medsight.predict.load.load_model`, the one
+place that chooses its backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medsight.errors import MedSightError
-from medsight.io.datasets import LabeledDataset
+from medsight.io.datasets import LabeledDataset, ReadFailure
 from medsight.io.image import MedImage
+from medsight.models import policy
 from medsight.models.calibration import calibrated_probabilities
 from medsight.models.package import ModelPackage
 from medsight.models.preprocess import batch_to_tensor
-from medsight.predict.backends import ForwardOutput, InferenceBackend, TorchBackend
+from medsight.predict.backends import ForwardOutput, InferenceBackend
 from medsight.predict.cam import class_activation_maps, resize_map
 from medsight.predict.ood import load_ood
 from medsight.predict.result import Prediction, PredictionError
-
-ImageLike = str | Path | MedImage | np.ndarray
-
-
-def as_image(x: ImageLike) -> MedImage:
-    if isinstance(x, MedImage):
-        return x
-    if isinstance(x, np.ndarray):
-        return MedImage.from_array(x, source="<array>", format="array")
-    from medsight.io.readers import read_image
-
-    return read_image(x)
+from medsight.predict.settings import RuntimeSettings
+from medsight.predict.stream import ImageLike, Prepared, as_image, decoded_batches
 
 
 class Predictor:
-    def __init__(self, package: ModelPackage, backend: InferenceBackend | None = None):
+    """A loaded model on one backend. ``settings`` gives :meth:`stream` its default decode threads."""
+
+    def __init__(self, package: ModelPackage, backend: InferenceBackend, settings: RuntimeSettings | None = None):
         self.package = package
         self.card = package.card
         self.network = package.network.eval()
         # The one step that differs per backend: tensor -> logits + last feature map (medsight.predict).
-        self.backend = backend if backend is not None else TorchBackend(self.network)
+        self.backend = backend
+        self.settings = settings or RuntimeSettings()
         self._multilabel = self.card.task == "multilabel"
         self.ood = load_ood(package)  # None when the card has no OOD detector
 
@@ -76,96 +70,57 @@ class Predictor:
             return None
         return self.ood.score_statistics(self.ood.inputs(out.statistics, images))
 
-    def predict_dataset_probs(self, ds: LabeledDataset, batch_size: int = 256) -> np.ndarray:
-        """Calibrated probabilities for every image of a labelled set (errors propagate)."""
-        out = []
-        for i in range(0, len(ds), batch_size):
-            out.append(self.probs([ds.image(j) for j in range(i, min(i + batch_size, len(ds)))]))
-        return np.concatenate(out) if out else np.zeros((0, self.card.num_outputs))
-
-    # -- decisions -----------------------------------------------------------
-    def decide(self, p: np.ndarray) -> tuple[str, float, int]:
-        """(reported label, calibrated probability of that decision, class index for the heat map)."""
-        card = self.card
-        if card.task == "binary":
-            pos = card.positive_index
-            th = card.thresholds.get(card.positive_label, 0.5)  # type: ignore[arg-type]
-            if p[pos] >= th:
-                return card.labels[pos], float(p[pos]), pos
-            return card.labels[1 - pos], float(1 - p[pos]), pos
-        if card.task == "multilabel":
-            k = int(np.argmax(p))
-            th = card.thresholds.get(card.labels[k], 0.5)
-            if p[k] >= th:
-                return card.labels[k], float(p[k]), k
-            return "no finding", float(np.prod(1 - p)), k
-        k = int(np.argmax(p))
-        return card.labels[k], float(p[k]), k
-
-    def statement(self, label: str, confidence: float) -> tuple[bool, str]:
-        floor = self.card.confidence.refer_below
-        if confidence < floor:
-            return True, (f"Refer to a human: the model is uncertain (calibrated probability {confidence:.2f} "
-                          f"for '{label}' is below the {floor:.2f} referral floor).")
-        return False, f"Model finding: '{label}' with calibrated probability {confidence:.2f}; confirm clinically."
+    def dataset_probs(self, ds: LabeledDataset, batch_size: int = 256,
+                      failures: list[ReadFailure] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities of the readable images of a labelled set, and their rows (``ds.y[rows]``
+        are their labels); unreadable images are skipped into ``failures`` (:meth:`LabeledDataset.batches`)."""
+        parts = [(b.index, self.probs(b.images)) for b in ds.batches(batch_size, failures)]
+        return np.concatenate([p for _, p in parts]), np.concatenate([i for i, _ in parts])
 
     # -- public API ----------------------------------------------------------
     def predict(self, x: ImageLike, explain: bool = True) -> Prediction:
-        return self.predict_batch([x], explain=explain)[0]  # type: ignore[return-value]
+        """One image; an unreadable one raises (its :class:`~medsight.errors.MedSightError`)."""
+        return self._batch([as_image(x)], explain)[0]
 
-    def predict_batch(self, items: Sequence[ImageLike], explain: bool = True, raise_errors: bool = True,
-                      tensors: torch.Tensor | None = None) -> list[Prediction | PredictionError]:
-        """``tensors``: the items' ``batch_to_tensor`` output when a caller already made it (decoded
-        images only, e.g. in a decode thread: medsight.predict.stream); otherwise it is made here."""
-        images: list[MedImage] = []
-        slots: list[Prediction | PredictionError | None] = []
-        for it in items:
-            try:
-                images.append(as_image(it))
-                slots.append(None)
-            except MedSightError as e:
-                if raise_errors:
-                    raise
-                slots.append(PredictionError(str(it), str(e), type(e).__name__))
-        if images:
-            x = tensors if tensors is not None else batch_to_tensor(images, self.card.input)
-            out = self.forward(x)
-            p = self.calibrate(out.logits)
-            decisions = [self.decide(row) for row in p]
-            # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.predict.cam).
-            maps = (class_activation_maps(out.feature_maps, self.network.class_weights(),
-                                          [d[2] for d in decisions], self.card.input.size) if explain else [None] * len(images))
-            # OOD scores from the early layers' statistics, which the backend returns with the logits
-            scores = self.ood_scores(out, images)
-            ood = scores if scores is not None else [None] * len(images)
-            made = iter(
-                self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)
-            )
-            slots = [next(made) if s is None else s for s in slots]
-        return slots  # type: ignore[return-value]
+    def stream(self, items: Iterable[ImageLike], explain: bool = True, batch_size: int = 16,
+               workers: int | None = None) -> Iterator[Prediction | PredictionError]:
+        """Predictions for ``items`` in input order; an unreadable input becomes a :class:`PredictionError`
+        in its place and the rest go on.
 
-    def predict_many(self, items: Iterable[ImageLike], explain: bool = True, batch_size: int = 16) -> Iterator[Prediction | PredictionError]:
-        """Stream predictions; unreadable inputs become :class:`PredictionError` and the batch goes on."""
-        buf: list[ImageLike] = []
-        for it in items:
-            buf.append(it)
-            if len(buf) == batch_size:
-                yield from self.predict_batch(buf, explain, raise_errors=False)
-                buf = []
-        if buf:
-            yield from self.predict_batch(buf, explain, raise_errors=False)
+        ``workers`` threads decode and preprocess ``batch_size`` items at a time ahead of the model
+        (:mod:`medsight.predict.stream`; default: ``settings.decode_workers``, 0 = in the caller). A
+        sequence is read by index, so a lazy one is read by the decode threads.
+        """
+        seq = items if isinstance(items, Sequence) else list(items)
+        workers = self.settings.decode_workers if workers is None else workers
+        for batch in decoded_batches(seq, batch_size, workers, spec=self.card.input):
+            ready = [d for d in batch if isinstance(d, Prepared)]
+            made = iter(self._batch([d.image for d in ready], explain, torch.stack([d.tensor for d in ready])) if ready else [])
+            yield from (next(made) if isinstance(d, Prepared) else d for d in batch)
 
-    def _prediction(self, image: MedImage, p: np.ndarray, decision: tuple[str, float, int], cam: np.ndarray | None,
+    def _batch(self, images: list[MedImage], explain: bool, tensors: torch.Tensor | None = None) -> list[Prediction]:
+        """The batch step: decoded images (and their ``batch_to_tensor`` input when already made) -> predictions."""
+        x = tensors if tensors is not None else batch_to_tensor(images, self.card.input)
+        out = self.forward(x)
+        p = self.calibrate(out.logits)
+        decisions = [policy.decide(self.card, row) for row in p]
+        # CAM from the feature map equals Grad-CAM for this GAP + linear head (medsight.predict.cam).
+        maps = (class_activation_maps(out.feature_maps, self.network.class_weights(),
+                                      [d.heatmap_class for d in decisions], self.card.input.size) if explain else [None] * len(images))
+        # OOD scores from the early layers' statistics, which the backend returns with the logits
+        scores = self.ood_scores(out, images)
+        ood = scores if scores is not None else [None] * len(images)
+        return [self._prediction(img, row, dec, m, o) for img, row, dec, m, o in zip(images, p, decisions, maps, ood)]
+
+    def _prediction(self, image: MedImage, p: np.ndarray, decision: policy.Decision, cam: np.ndarray | None,
                     ood_score: float | None = None) -> Prediction:
-        label, conf, k = decision
-        refer, text = self.statement(label, conf)
-        if ood_score is not None and self.ood is not None and bool(self.ood.flags(ood_score)):
-            refer, text = True, self.ood.statement(float(ood_score))
+        score = None if ood_score is None else float(ood_score)
+        refer, text = policy.referral(self.card, decision.label, decision.confidence, score)
         heat = resize_map(cam, image.height, image.width) if cam is not None else None
         return Prediction(
-            source=image.source, model=self.model_id, label=label,
+            source=image.source, model=self.model_id, label=decision.label,
             probabilities={n: float(v) for n, v in zip(self.card.labels, p)},
-            confidence=conf, refer=refer, statement=text, heatmap=heat,
-            heatmap_label=self.card.labels[k] if cam is not None else None, image=image,
-            ood_score=None if ood_score is None else float(ood_score),
+            confidence=decision.confidence, refer=refer, statement=text, heatmap=heat,
+            heatmap_label=self.card.labels[decision.heatmap_class] if cam is not None else None, image=image,
+            ood_score=score,
         )

@@ -93,7 +93,8 @@ class DatasetCalibrationReader:
     """Feeds preprocessed images of a labelled set to ONNX Runtime's calibrator.
 
     Goes through :func:`batch_to_tensor`, the one preprocessing path, so the ranges
-    are those of the inputs the model will see in use.
+    are those of the inputs the model will see in use; unreadable images are skipped
+    (:meth:`LabeledDataset.batches`).
     """
 
     def __init__(self, ds: LabeledDataset, spec: InputSpec, batch_size: int = 32):
@@ -101,9 +102,8 @@ class DatasetCalibrationReader:
 
     @staticmethod
     def _iter(ds: LabeledDataset, spec: InputSpec, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(ds), batch_size):
-            images = [ds.image(i) for i in range(start, min(start + batch_size, len(ds)))]
-            yield {INPUT: batch_to_tensor(images, spec).numpy()}
+        for batch in ds.batches(batch_size):
+            yield {INPUT: batch_to_tensor(batch.images, spec).numpy()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)

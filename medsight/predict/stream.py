@@ -1,11 +1,12 @@
 """Decode and preprocess images in background threads while the model runs on the previous batch.
 
-Reading a DICOM or PNG (decompression, LUTs, colour conversion) and resizing it to the
-network's input (antialiased, :func:`medsight.models.preprocess.to_tensor`, the one
-preprocessing) cost more than a forward pass of these small models, so doing them one
-after the other leaves cores idle. Here ``workers`` threads decode and preprocess whole
-batches, ``prefetch`` batches ahead, while the calling thread runs
-:meth:`Predictor.predict_batch` on them (backend, calibration, decisions, heat maps).
+The machinery behind :meth:`medsight.predict.predictor.Predictor.stream`. Reading a DICOM
+or PNG (decompression, LUTs, colour conversion) and resizing it to the network's input
+(antialiased, :func:`medsight.models.preprocess.to_tensor`, the one preprocessing) cost
+more than a forward pass of these small models, so doing them one after the other leaves
+cores idle. Here ``workers`` threads decode and preprocess whole batches, ``prefetch``
+batches ahead, while the calling thread runs the model on them (backend, calibration,
+decisions, heat maps).
 
 Threads rather than worker processes (``torch.utils.data.DataLoader``): the image
 codecs (Pillow, the pydicom pixel-data plugins), NumPy and torch release the GIL while
@@ -13,9 +14,8 @@ they work, and a process would have to pickle every decoded float32 image back t
 caller, megabytes per radiograph. benchmarks/throughput measures the thread splits
 (see docs/performance.md).
 
-Batches are formed exactly as :meth:`Predictor.predict_many` forms them (``batch_size``
-inputs, unreadable ones reported in place) and preprocessed by the same function, so
-the results are identical to it.
+Batches are ``batch_size`` consecutive inputs whatever the number of threads, with
+unreadable ones reported in place, so the results do not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -24,17 +24,29 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from medsight.errors import MedSightError
 from medsight.io.image import MedImage
 from medsight.models.card import InputSpec
 from medsight.models.preprocess import to_tensor
-from medsight.predict.predictor import ImageLike, Predictor, as_image
-from medsight.predict.result import Prediction, PredictionError
+from medsight.predict.result import PredictionError
 
-Decoded = MedImage | PredictionError
+ImageLike = str | Path | MedImage | np.ndarray
+
+
+def as_image(x: ImageLike) -> MedImage:
+    """A path is read (any supported format), an array wrapped; an image is returned as it is."""
+    if isinstance(x, MedImage):
+        return x
+    if isinstance(x, np.ndarray):
+        return MedImage.from_array(x, source="<array>", format="array")
+    from medsight.io.readers import read_image
+
+    return read_image(x)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,9 @@ class Prepared:
 
     image: MedImage
     tensor: torch.Tensor
+
+
+Decoded = MedImage | PredictionError
 
 
 def decode(item: ImageLike, spec: InputSpec | None = None) -> Decoded | Prepared:
@@ -82,13 +97,3 @@ def decoded_batches(items: Sequence[ImageLike], batch_size: int = 16, workers: i
             if nxt is not None:
                 pending.append([pool.submit(decode, it, spec) for it in chunk(nxt)])
             yield [f.result() for f in batch]
-
-
-def predict_stream(predictor: Predictor, items: Sequence[ImageLike], explain: bool = True, batch_size: int = 16,
-                   workers: int = 1) -> Iterator[Prediction | PredictionError]:
-    """Predictions for ``items`` in order, decoding and preprocessing ahead in ``workers`` threads."""
-    for batch in decoded_batches(items, batch_size, workers, spec=predictor.card.input):
-        ready = [d for d in batch if isinstance(d, Prepared)]
-        made = iter(predictor.predict_batch([d.image for d in ready], explain=explain, raise_errors=False,
-                                            tensors=torch.stack([d.tensor for d in ready])) if ready else [])
-        yield from (next(made) if isinstance(d, Prepared) else d for d in batch)

@@ -27,8 +27,8 @@ import pandas as pd
 
 from medsight.errors import EngineUnavailableError
 from medsight.io.image import MedImage
+from medsight.predict.load import load_model
 from medsight.predict.predictor import Predictor
-from medsight.predict.stream import predict_stream
 from medsight.predict.settings import RuntimeSettings
 from medsight.scale.rows import result_row, rows_frame
 from medsight.scale.sources import InputReader, list_records
@@ -76,18 +76,23 @@ class BatchSummary:
         return self.n / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _build_predictor(model: str, backend: str, settings: RuntimeSettings) -> Predictor:
-    from medsight.models.registry import load
-    from medsight.predict.backends import make_backend
+class LazyInputs(Sequence):
+    """Records as predictor inputs, read on access (so decode workers read them, not the caller)."""
 
-    package = load(model)
-    return Predictor(package, backend=make_backend(package, backend, settings))
+    def __init__(self, records: list[dict[str, Any]], reader: InputReader):
+        self.records, self.reader = records, reader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> str | MedImage:  # type: ignore[override]
+        return self.reader.load_input(self.records[i])
 
 
 def classify_records(predictor: Predictor, reader: InputReader, records: list[dict[str, Any]], heatmap_dir: Path | None) -> list[dict[str, Any]]:
-    """Rows for one batch of records: the step both engines share."""
-    items = [reader.load_input(r) for r in records]
-    results = predictor.predict_batch(items, explain=heatmap_dir is not None, raise_errors=False)
+    """Rows for one Ray batch of records: one model batch, decoded in the actor's own thread."""
+    results = predictor.stream(LazyInputs(records, reader), explain=heatmap_dir is not None,
+                               batch_size=max(1, len(records)), workers=0)
     return [result_row(int(r["index"]), res, predictor, heatmap_dir) for r, res in zip(records, results)]
 
 
@@ -128,19 +133,6 @@ class _ResultWriter:
             self._pq_writer.close()
 
 
-class LazyInputs(Sequence):
-    """Records as predictor inputs, read on access (so decode workers read them, not the caller)."""
-
-    def __init__(self, records: list[dict[str, Any]], reader: InputReader):
-        self.records, self.reader = records, reader
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> str | MedImage:  # type: ignore[override]
-        return self.reader.load_input(self.records[i])
-
-
 def run_local(job: BatchJob, settings: RuntimeSettings | None = None,
               on_progress: Callable[[int, int], None] | None = None) -> BatchSummary:
     """The in-process engine (decoding overlapped in ``settings.decode_workers`` threads).
@@ -151,11 +143,10 @@ def run_local(job: BatchJob, settings: RuntimeSettings | None = None,
     settings = settings or RuntimeSettings()
     t0 = time.perf_counter()
     records = list_records(job.source, job.split)
-    predictor = _build_predictor(job.model, job.backend, settings)
+    predictor = load_model(job.model, job.backend, settings)
     writer = _ResultWriter(job.out_dir, predictor.card.labels)
     heat_dir = job.out_dir / "heatmaps" if job.heatmaps else None
-    results = predict_stream(predictor, LazyInputs(records, InputReader()), explain=heat_dir is not None,
-                             batch_size=job.batch_size, workers=settings.decode_workers)
+    results = predictor.stream(LazyInputs(records, InputReader()), explain=heat_dir is not None, batch_size=job.batch_size)
     rows: list[dict[str, Any]] = []
     flush_every = max(job.batch_size, 512)  # fewer, larger CSV/Parquet appends
     try:
@@ -184,7 +175,7 @@ class PredictActor:
 
         torch.set_num_threads(threads)  # this actor's process only
         settings = RuntimeSettings(cache_dir=Path(cache_dir), intra_op_threads=threads, decode_workers=0)
-        self.predictor = _build_predictor(model, backend, settings)
+        self.predictor = load_model(model, backend, settings)
         self.reader = InputReader()
         self.heatmap_dir = Path(heatmap_dir) if heatmap_dir else None
 
@@ -211,7 +202,7 @@ def run_ray(job: BatchJob, options: RayOptions = RayOptions(), settings: Runtime
     records = list_records(job.source, job.split)
     # Load the model here first: a bad model or backend fails fast with a clear error instead of
     # inside every actor, "auto" is resolved once for all actors, and the ONNX cache is warm.
-    probe = _build_predictor(job.model, job.backend, settings)
+    probe = load_model(job.model, job.backend, settings)
     labels, backend = probe.card.labels, probe.backend.name
     del probe
     started_here = not ray.is_initialized()

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from medsight.explain.overlay import save_overlay
+from medsight.models.policy import out_of_distribution
 from medsight.predict.predictor import Predictor
 from medsight.predict.result import Prediction, PredictionError
 
@@ -50,7 +51,7 @@ def result_row(index: int, result: Prediction | PredictionError, predictor: Pred
         return row
     ood_flag = None
     if result.ood_score is not None and predictor.ood is not None:
-        ood_flag = bool(predictor.ood.flags(result.ood_score))
+        ood_flag = bool(out_of_distribution(predictor.card, result.ood_score))
     heat = None
     if heatmap_dir is not None and result.heatmap is not None and result.image is not None:
         heat = str(save_overlay(result.image, result.heatmap, heatmap_dir / heatmap_name(index, str(result.source))))

@@ -20,14 +20,13 @@ from sqlalchemy import select
 
 from medsight.explain.overlay import save_heatmap, save_overlay
 from medsight.io.image import MedImage
-from medsight.models.card import ModelCard
+from medsight.models.policy import critical_probability, finding_labels, is_critical
 from medsight.predict.result import Prediction, PredictionError
 from medsight.serve.audit import Actor, record
-from medsight.serve.catalog import finding_labels
 from medsight.serve.context import ServiceContext
 from medsight.serve.db import Instance, Result, Study, utcnow
 from medsight.serve.jobs import Lease
-from medsight.serve.triage import base_score, critical_probability
+from medsight.serve.triage import base_score
 
 
 log = logging.getLogger("medsight.serve.analysis")
@@ -48,14 +47,6 @@ def display_png(image: MedImage) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=3)
     return buf.getvalue()
-
-
-def is_critical(card: ModelCard, pred: Prediction) -> bool:
-    if pred.label in card.critical_findings:
-        return True
-    if card.task == "multilabel":
-        return any(pred.probabilities.get(f, 0.0) >= card.thresholds.get(f, 0.5) for f in card.critical_findings)
-    return False
 
 
 def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: list) -> tuple[dict[str, list[str]], str | None]:
@@ -118,7 +109,7 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
         raise AnalysisFailed(f"model {model_name!r} cannot be loaded: {e}") from e
     card = predictor.card
     paths = [ctx.store.path_for(sha) for _, sha in instances]
-    preds = predictor.predict_batch(paths, explain=True, raise_errors=False)
+    preds = list(predictor.stream(paths, explain=True))
     errors = [p for p in preds if isinstance(p, PredictionError)]
     if errors:
         raise AnalysisFailed("; ".join(f"{e.kind}: {e.error}" for e in errors))
@@ -148,7 +139,7 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
                 study_id=study.id, instance_id=inst_id, job_id=lease.job_id, model=pred.model, label=pred.label,
                 labels=list(card.labels), task=card.task, findings=finding_labels(card),
                 probabilities=pred.probabilities, confidence=pred.confidence, refer=pred.refer, statement=pred.statement,
-                critical_probability=pc, critical=is_critical(card, pred), heatmap_label=pred.heatmap_label,
+                critical_probability=pc, critical=is_critical(card, pred.label, pred.probabilities), heatmap_label=pred.heatmap_label,
                 display_sha256=disp, overlay_sha256=over, heatmap_sha256=heat, created_by=lease.owner,
             )
             s.add(r)

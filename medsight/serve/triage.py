@@ -6,11 +6,8 @@
           + w_waiting * min(minutes waiting / cap, 1)
 
 ``P(critical)`` is the calibrated probability that the study shows one of the
-card's ``critical_findings``: the sum of those classes' probabilities for binary
-and multiclass models (classes are mutually exclusive, so the sum *is* the
-probability of "any critical finding"), the largest one for multilabel models
-(a lower bound that assumes nothing about dependence). A study with several
-images takes its most urgent image. Everything but waiting time is fixed when
+card's ``critical_findings`` (:func:`medsight.models.policy.critical_probability`,
+the card's policy). A study with several images takes its most urgent image. Everything but waiting time is fixed when
 analysis finishes and stored as ``priority_base``; waiting time is added in SQL
 at query time, so the order is always current. Weights live in
 :class:`~medsight.serve.config.TriageWeights`.
@@ -20,16 +17,8 @@ from __future__ import annotations
 
 from sqlalchemy import ColumnElement, case, literal
 
-from medsight.models.card import ModelCard
 from medsight.serve.config import TriageWeights
 from medsight.serve.db import Study
-
-
-def critical_probability(card: ModelCard, probabilities: dict[str, float]) -> float:
-    ps = [float(probabilities.get(f, 0.0)) for f in card.critical_findings]
-    if not ps:
-        return 0.0
-    return min(1.0, max(ps) if card.task == "multilabel" else sum(ps))
 
 
 def base_score(w: TriageWeights, requested: str, p_critical: float | None, refer: bool) -> float:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medsight.errors import DataSetError
 from medsight.evaluate.metrics import Scorer, bootstrap_metrics
-from medsight.io.datasets import LabeledDataset, dataset_from_frame, load_npz
+from medsight.io.datasets import LabeledDataset, ReadFailure, dataset_from_frame, load_npz
 from medsight.models.card import MetricValue, ModelCard
 from medsight.models.package import ModelPackage
 from medsight.train.config import TrainConfig
@@ -89,15 +89,14 @@ def recipe_splits(spec: DataSpec, data_root: Path) -> dict[str, LabeledDataset]:
     }
 
 
-def evaluate_split(pkg: ModelPackage, ds: LabeledDataset, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
-    """Metrics with CIs for a package on a labelled set, through the one inference path."""
-    from medsight.predict.predictor import Predictor
+def evaluate_split(pkg: ModelPackage, ds: LabeledDataset, n_boot: int = 1000,
+                   failures: list[ReadFailure] | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics with CIs for a package on the readable images of a labelled set, through the one inference path
+    (unreadable ones are skipped into ``failures``)."""
+    from medsight.predict.load import load_model
 
-    probs = Predictor(pkg).predict_dataset_probs(ds)
-    card = pkg.card
-    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
-                    card.thresholds.get(card.positive_label or "", 0.5))
-    return bootstrap_metrics(scorer, ds.y, probs, n_boot=n_boot)
+    probs, rows = load_model(pkg).dataset_probs(ds, failures=failures)
+    return bootstrap_metrics(Scorer.for_card(pkg.card), ds.y[rows], probs, n_boot=n_boot)
 
 
 def published_comparison(test: dict[str, Any], published: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,9 +127,13 @@ def run_recipe(
         split_rule=recipe.data.split.model_dump() if recipe.data.split else "official", trained_on=str(date.today()),
     )
     pkg = fit(card, splits["train"], splits["val"], cfg, out_dir, resume=resume, on_epoch=on_epoch)
-    test = evaluate_split(pkg, splits["test"])
+    unreadable: list[ReadFailure] = []
+    test = evaluate_split(pkg, splits["test"], failures=unreadable)
     pkg.card.test_metrics = {k: MetricValue(**v) for k, v in test.items()}
-    pkg.card.training["n_test"] = len(splits["test"])
+    pkg.card.training["n_test"] = len(splits["test"]) - len(unreadable)
+    pkg.card.training["skipped_unreadable"] = pkg.card.training.get("skipped_unreadable", 0) + len(unreadable)
+    for f in unreadable:
+        log.warning("skipped unreadable test image: %s", f.error)
     pkg.card.published_baselines = dict(recipe.published_baselines)
     comparison = published_comparison(test, recipe.published_baselines)
     if comparison:

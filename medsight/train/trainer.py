@@ -20,15 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsight.errors import DataSetError, ImageReadError
+from medsight.errors import DataSetError
 from medsight.evaluate.calibration import fit_temperature, probabilities
 from medsight.evaluate.metrics import Scorer, bootstrap_metrics
 from medsight.evaluate.thresholds import youden_threshold
-from medsight.io.datasets import LabeledDataset
+from medsight.io.datasets import LabeledDataset, ReadFailure
 from medsight.models.card import Calibration, MetricValue, ModelCard
 from medsight.models.networks import Classifier, build_network
 from medsight.models.package import ModelPackage, clone_network
-from medsight.models.preprocess import to_tensor
+from medsight.models.preprocess import batch_to_tensor
 from medsight.train.augment import BatchAugmenter
 from medsight.train.config import TrainConfig
 
@@ -48,17 +48,10 @@ class EpochReport:
 
 
 def tensorize(ds: LabeledDataset, card: ModelCard) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Preprocess every image once; unreadable images are skipped and reported."""
-    xs, keep, errors = [], [], []
-    for i in range(len(ds)):
-        try:
-            xs.append(to_tensor(ds.image(i), card.input))
-            keep.append(i)
-        except ImageReadError as e:
-            errors.append(str(e))
-    if not xs:
-        raise DataSetError(f"{ds.name}: no readable images ({len(errors)} failed)")
-    return torch.stack(xs), np.asarray(keep), errors
+    """Preprocess every image once: the tensors, their rows (``ds.y[rows]``) and why unreadable ones were skipped."""
+    failures: list[ReadFailure] = []
+    parts = [(b.index, batch_to_tensor(b.images, card.input)) for b in ds.batches(256, failures)]
+    return torch.cat([x for _, x in parts]), np.concatenate([i for i, _ in parts]), [f.error for f in failures]
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, card: ModelCard, weights: torch.Tensor | None, smoothing: float) -> torch.Tensor:
@@ -84,7 +77,7 @@ def predict_logits(net: Classifier, x: torch.Tensor, batch_size: int = 256) -> n
 
 def _score(card: ModelCard, y: np.ndarray, logits: np.ndarray) -> float:
     """Model-selection score: macro AUC on val (accuracy if AUC is undefined)."""
-    m = Scorer(card.task, card.positive_index if card.task == "binary" else 1)(y, probabilities(logits, 1.0, card.task == "multilabel"))
+    m = Scorer.for_card(card, threshold=0.5)(y, probabilities(logits, 1.0, card.task == "multilabel"))
     return float(m["auc"] if m["auc"] is not None else m["accuracy"])
 
 
@@ -194,9 +187,7 @@ def fit(
     probs = probabilities(val_logits, temp, multilabel)
     if card.task == "binary":
         card.thresholds = {card.positive_label: youden_threshold((yva == card.positive_index).astype(int), probs[:, card.positive_index])}
-    scorer = Scorer(card.task, card.positive_index if card.task == "binary" else 1,
-                    card.thresholds.get(card.positive_label or "", 0.5))
-    card.validation_metrics = {k: MetricValue(**v) for k, v in bootstrap_metrics(scorer, yva, probs, n_boot=200).items()}
+    card.validation_metrics = {k: MetricValue(**v) for k, v in bootstrap_metrics(Scorer.for_card(card), yva, probs, n_boot=200).items()}
     card.training.update(
         n_train=int(len(ytr)), n_val=int(len(yva)), skipped_unreadable=len(err_tr) + len(err_va),
         epochs_run=state["epoch"], best_epoch=state.get("best_epoch"), config=cfg.model_dump(),

@@ -15,6 +15,7 @@ from medsight.evaluate.calibration import fit_temperature, probabilities
 from medsight.evaluate.recalibrate import bump_version, recalibrate, recalibrate_dataset, top_label_ece
 from medsight.io.datasets import load_npz
 from medsight.models.package import ModelPackage, read_card, write_card
+from medsight.models.policy import decide
 from medsight.models.preprocess import batch_to_tensor
 from tests.conftest import make_images, tiny_card
 
@@ -52,8 +53,8 @@ def test_recalibration_fixes_a_wrong_temperature_in_a_new_version(overconfident,
     assert s["ece_after"] == pytest.approx(top_label_ece(probabilities(logits, new.calibration.temperature), val.y))
     assert s["ece_after"] < s["ece_before"] and new.calibration.nll_after <= new.calibration.nll_before
     # the threshold reaches the sensitivity target on the calibration data, with the Predictor's decision rule
-    p = m.predict_dataset_probs(val)
-    calls = [m.decide(row)[0] for row in p[val.y == 1]]
+    p, rows = m.dataset_probs(val)
+    calls = [decide(m.card, row).label for row in p[val.y[rows] == 1]]
     assert np.mean([c == "disc" for c in calls]) >= 0.95
     # provenance and local results in the card
     rec = new.training["recalibration"]
@@ -162,7 +163,7 @@ def test_auto_method_and_prior_adaptation_on_unlabelled_images(overconfident, ti
     assert ps["source_priors"] == pytest.approx(list(np.bincount(val.y, minlength=2) / len(val.y)))
     assert ps["target_priors"][1] > ps["source_priors"][1]  # more "disc" estimated at the site
     # the package's outputs are the map followed by the prior reweighting
-    np.testing.assert_allclose(m.predict_dataset_probs(val), calibrated_probabilities(logits, card.calibration), atol=1e-6)
+    np.testing.assert_allclose(m.dataset_probs(val)[0], calibrated_probabilities(logits, card.calibration), atol=1e-6)
 
 
 def test_unknown_method_and_missing_unlabelled_folder_are_clear_errors(overconfident, tiny_npz, tmp_path):

@@ -19,8 +19,8 @@ from medsight.evaluate.operating_points import at_prevalence, threshold_table
 from medsight.evaluate.report import REPORT_HTML, REPORT_JSON, ValidationOptions, validate, validate_dataset, write_report
 from medsight.evaluate.thresholds import threshold_for_sensitivity, youden_threshold
 from medsight.io.datasets import load_npz
-from medsight.models.package import ModelPackage, load_package
-from medsight.predict.predictor import Predictor
+from medsight.models.package import ModelPackage
+from medsight.predict.load import load_model
 from tests.conftest import make_images, tiny_card
 
 FAST = ValidationOptions(n_boot=60, gallery_size=3, prevalence=0.05)
@@ -58,9 +58,9 @@ def test_files_are_written_and_html_is_self_contained(binary_report):
 
 def test_metrics_confusion_and_gallery_match_sklearn(binary_report, tiny_package, tiny_npz):
     result, _ = binary_report
-    pred = Predictor(load_package(tiny_package))
+    pred = load_model(tiny_package)
     ds = load_npz(tiny_npz, "test", NAMES)
-    p = pred.predict_dataset_probs(ds)[:, 1]
+    p = pred.dataset_probs(ds)[0][:, 1]
     th = pred.card.thresholds["disc"]
     assert result["metrics"]["values"]["auc"]["value"] == pytest.approx(roc_auc_score(ds.y, p))
     assert result["confusion_matrix"]["matrix"] == confusion_matrix(ds.y, (p >= th).astype(int)).tolist()
@@ -74,7 +74,7 @@ def test_metrics_confusion_and_gallery_match_sklearn(binary_report, tiny_package
 
 def test_calibration_before_after_match_metrics_module(binary_report, tiny_package, tiny_npz):
     result, _ = binary_report
-    pred = Predictor(load_package(tiny_package))
+    pred = load_model(tiny_package)
     ds = load_npz(tiny_npz, "test", NAMES)
     from medsight.models.preprocess import batch_to_tensor
 
@@ -131,10 +131,10 @@ def test_multiclass_report_uses_one_vs_rest_curves_and_macro_metrics(tmp_path):
     pkg_dir = ModelPackage.new(card).save(tmp_path / "tri")
     imgs, labels = make_images(12, seed=5, classes=3)
     np.savez(tmp_path / "tri.npz", test_images=imgs, test_labels=labels)
-    pred = Predictor(load_package(pkg_dir))
+    pred = load_model(pkg_dir)
     ds = load_npz(tmp_path / "tri.npz", "test", ["bar", "disc", "vbar"])
     r = validate_dataset(pred, ds, FAST)
-    probs = pred.predict_dataset_probs(ds)
+    probs = pred.dataset_probs(ds)[0]
     assert set(r["curves"]) == {"bar", "disc", "vbar"}
     for k, lab in enumerate(["bar", "disc", "vbar"]):
         assert r["curves"][lab]["auc"] == pytest.approx(roc_auc_score(ds.y == k, probs[:, k]))
@@ -212,7 +212,7 @@ def test_cli_bad_input_gives_clear_error(tiny_package, tmp_path, case, message):
 
 
 def test_label_set_mismatch_is_refused(tiny_package, tiny_npz):
-    pred = Predictor(load_package(tiny_package))
+    pred = load_model(tiny_package)
     ds = load_npz(tiny_npz, "test", ["a", "b"])
     with pytest.raises(DataSetError, match="do not match the model"):
         validate_dataset(pred, ds, FAST)

@@ -11,11 +11,11 @@ from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
 from medsight.evaluate.ood_fit import fit_ood
 from medsight.predict.ood import IMAGE, LAYERS
-from medsight.predict.predictor import Predictor
+from medsight.predict.load import load_model
 from medsight.predict.backends import make_backend
 from medsight.predict.cache import int8_model_path
 from medsight.predict.settings import RuntimeSettings
-from medsight.evaluate.tune import TuneConfig, auc, choose, split_tensor, tune
+from medsight.evaluate.tune import TuneConfig, auc, choose, split_inputs, tune
 
 NAMES = ["bar", "disc"]
 FAST = TuneConfig(calibration_images=64, timing_images=64, timing_repeats=2)
@@ -76,7 +76,7 @@ def test_tune_records_measurements_and_keeps_other_fields(tuned):
     assert rt["backend"] == max(eligible, key=lambda k: c[k]["images_per_s"])
     # the recorded AUC is the card-calibrated AUC recomputed independently
     pkg = load_package(d)
-    probs = Predictor(pkg).predict_dataset_probs(test)
+    probs = load_model(pkg, backend="torch").dataset_probs(test)[0]  # the torch candidate's AUC, not the recorded backend's
     from sklearn.metrics import roc_auc_score
 
     assert c["torch"]["test_auc"] == pytest.approx(roc_auc_score(test.y, probs[:, 1]))
@@ -86,7 +86,7 @@ def test_int8_rebuilds_from_the_card_alone(tuned, tmp_path):
     """A fresh machine (empty cache, no training data) rebuilds the same int8 model from the package alone."""
     d, rt, settings, test = tuned
     pkg = load_package(d)
-    x = split_tensor(pkg, test)
+    x = split_inputs(pkg, test).x
     first = make_backend(pkg, "onnx-int8", settings).forward(x).logits
     fresh = RuntimeSettings(cache_dir=tmp_path, intra_op_threads=1, decode_workers=0)
     again = make_backend(pkg, "onnx-int8", fresh)

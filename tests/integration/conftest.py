@@ -49,7 +49,7 @@ def ct_study(predictor) -> list:
     from medsight.integration.results import AnalysedImage
 
     files = [DATA / n for n in CT_STUDY]
-    preds = predictor.predict_batch([str(f) for f in files], explain=True)
+    preds = list(predictor.stream([str(f) for f in files], explain=True))
     return [AnalysedImage(p, read(f)) for p, f in zip(preds, files)]
 
 

@@ -15,7 +15,7 @@ from medsight.evaluate.ood_fit import fit_ood
 from medsight.io.datasets import load_npz
 from medsight.models.package import load_package, read_card, write_card
 from medsight.models.preprocess import batch_to_tensor
-from medsight.predict.predictor import Predictor
+from medsight.predict.load import load_model
 from medsight.predict.backends import OnnxBackend, TorchBackend, make_backend, recorded_choice
 
 NAMES = ["bar", "disc"]
@@ -53,9 +53,9 @@ def test_predictions_identical_in_all_but_the_forward_step(tiny_package, tiny_np
     d = shutil.copytree(tiny_package, tmp_path / "ood")
     fit_ood(d, load_npz(tiny_npz, "train", NAMES), load_npz(tiny_npz, "val", NAMES))
     pkg = load_package(d)
-    ref = Predictor(pkg)
-    fast = Predictor(pkg, make_backend(pkg, "onnx", runtime_settings))
-    a, b = ref.predict_batch(sample_files, explain=False), fast.predict_batch(sample_files, explain=False)
+    ref = load_model(pkg, "torch", runtime_settings)
+    fast = load_model(pkg, "onnx", runtime_settings)
+    a, b = list(ref.stream(sample_files, explain=False)), list(fast.stream(sample_files, explain=False))
     for ra, rb in zip(a, b):
         assert (ra.label, ra.refer, ra.statement) == (rb.label, rb.refer, rb.statement)
         assert ra.probabilities == pytest.approx(rb.probabilities, abs=1e-5)

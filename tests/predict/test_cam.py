@@ -12,7 +12,7 @@ from medsight.models.package import load_package
 from medsight.models.preprocess import batch_to_tensor
 from medsight.predict.backends import TorchBackend, make_backend
 from medsight.predict.cam import class_activation_maps, resize_map
-from medsight.predict.predictor import Predictor
+from medsight.predict.load import load_model
 from tests.conftest import make_images
 
 
@@ -66,9 +66,9 @@ def test_cam_matches_pytorch_gradcam(tiny_package, sample_files, runtime_setting
 def test_predictor_heatmaps_agree_across_backends(tiny_package, sample_files, runtime_settings):
     """Predictions at each image's own resolution: ONNX heat maps = PyTorch Grad-CAM heat maps."""
     pkg = load_package(tiny_package)
-    torch_p = Predictor(pkg)
-    onnx_p = Predictor(pkg, make_backend(pkg, "onnx", runtime_settings))
-    a, b = torch_p.predict_batch(sample_files), onnx_p.predict_batch(sample_files)
+    torch_p = load_model(pkg, "torch", runtime_settings)
+    onnx_p = load_model(pkg, "onnx", runtime_settings)
+    a, b = list(torch_p.stream(sample_files)), list(onnx_p.stream(sample_files))
     x = batch_to_tensor([r.image for r in a], pkg.card.input)
     ref = gradcam(pkg.network, x, [pkg.card.labels.index(r.heatmap_label) for r in a])
     for ra, rb, g in zip(a, b, ref):

@@ -38,8 +38,8 @@ def gradient_images(n):
 def test_predictor_refers_noise_and_gradients_and_keeps_in_distribution_images(ood_package, tiny_npz):
     m = medsight.load_model(ood_package)
     test = load_npz(tiny_npz, "test", NAMES)
-    ind = m.predict_batch([test.images[i] for i in range(len(test))], explain=False)
-    out = m.predict_batch(noise_images(20) + gradient_images(20), explain=False)
+    ind = list(m.stream([test.images[i] for i in range(len(test))], explain=False))
+    out = list(m.stream(noise_images(20) + gradient_images(20), explain=False))
     assert all(p.ood_score is not None for p in ind + out)
     s_in, s_out = np.array([p.ood_score for p in ind]), np.array([p.ood_score for p in out])
     assert roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out]) >= 0.99
@@ -54,7 +54,7 @@ def test_ood_score_matches_batch_and_single_paths(ood_package, tiny_npz):
     m = medsight.load_model(ood_package)
     test = load_npz(tiny_npz, "test", NAMES)
     stats, _ = dataset_statistics(m.package, test)
-    batch = m.predict_batch([test.images[i] for i in range(5)], explain=False)
+    batch = list(m.stream([test.images[i] for i in range(5)], explain=False))
     np.testing.assert_allclose([p.ood_score for p in batch], m.ood.score_statistics({k: v[:5] for k, v in stats.items()}), rtol=1e-5, atol=1e-6)
 
 
@@ -122,8 +122,8 @@ def test_image_block_catches_colour_the_network_cannot_see(ood_package, image_oo
     assert card["layers"] == list(BLOCKS) and card["selection"] == {"chosen": "network+image"}
     assert with_image.ood.uses_images and not net_only.ood.uses_images
     for m, min_auc in ((with_image, 0.99), (net_only, None)):
-        s_in = np.array([p.ood_score for p in m.predict_batch(images, explain=False)])
-        s_col = np.array([p.ood_score for p in m.predict_batch(tinted(images), explain=False)])
+        s_in = np.array([p.ood_score for p in m.stream(images, explain=False)])
+        s_col = np.array([p.ood_score for p in m.stream(tinted(images), explain=False)])
         auc = roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_col))], np.r_[s_in, s_col])
         if min_auc:
             assert auc >= min_auc
@@ -131,7 +131,7 @@ def test_image_block_catches_colour_the_network_cannot_see(ood_package, image_oo
             assert auc < 0.9  # the network alone sees (almost) the same grey tensor
     # the Predictor's scores equal the detector on dataset_statistics (the benchmark's path)
     stats, _ = dataset_statistics(with_image.package, test)
-    batch = with_image.predict_batch(images[:5], explain=False)
+    batch = list(with_image.stream(images[:5], explain=False))
     np.testing.assert_allclose([p.ood_score for p in batch], with_image.ood.score_statistics({k: v[:5] for k, v in stats.items()}),
                                rtol=1e-5, atol=1e-6)
 

@@ -36,24 +36,13 @@ def test_predict_accepts_arrays_and_agrees_with_files(tiny_package, disc_png):
     assert a.heatmap is None
 
 
-def test_decision_uses_card_threshold_and_refer_floor(tiny_package):
-    m = medsight.load_model(tiny_package)
-    th = m.card.thresholds["disc"]
-    assert m.decide(np.array([1 - th, th]))[0] == "disc"
-    assert m.decide(np.array([1 - th + 1e-3, th - 1e-3]))[0] == "bar"
-    refer, text = m.statement("disc", 0.55)
-    assert refer and "Refer to a human" in text
-    refer, _ = m.statement("disc", 0.95)
-    assert not refer
-
-
 def test_batch_goes_past_bad_files(tiny_package, disc_png, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     m = medsight.load_model(tiny_package)
-    out = list(m.predict_many([disc_png, bad, empty, disc_png], batch_size=3))
+    out = list(m.stream([disc_png, bad, empty, disc_png], batch_size=3))
     assert [type(r) for r in out] == [Prediction, PredictionError, PredictionError, Prediction]
     assert out[1].kind == "NotAnImageError" and out[2].kind == "EmptyFileError"
     with pytest.raises(NotAnImageError):
@@ -67,6 +56,6 @@ def test_unknown_model_name():
 
 def test_missing_file_is_reported_not_raised_in_batches(tiny_package, disc_png, tmp_path):
     m = medsight.load_model(tiny_package)
-    out = list(m.predict_many([tmp_path / "gone.dcm", disc_png]))
+    out = list(m.stream(iter([tmp_path / "gone.dcm", disc_png])))  # any iterable
     assert isinstance(out[0], PredictionError) and out[0].kind == "ImageNotFoundError"
     assert isinstance(out[1], Prediction)

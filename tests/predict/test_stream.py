@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from medsight.models.package import load_package
-from medsight.predict.predictor import Predictor
+from medsight.predict.load import load_model
 from medsight.predict.result import PredictionError
-from medsight.predict.stream import decoded_batches, predict_stream
+from medsight.predict.stream import decoded_batches
 from medsight.predict.settings import RuntimeSettings, default_decode_workers
 from tests.conftest import make_images
 
@@ -28,10 +27,10 @@ def files(tmp_path):
     return paths
 
 
-def test_threaded_decoding_matches_predict_many(tiny_package, files):
-    pred = Predictor(load_package(tiny_package))
-    seq = list(pred.predict_many(files, explain=True, batch_size=4))
-    par = list(predict_stream(pred, files, explain=True, batch_size=4, workers=2))
+def test_threaded_decoding_matches_decoding_in_the_caller(tiny_package, files):
+    pred = load_model(tiny_package)
+    seq = list(pred.stream(files, explain=True, batch_size=4, workers=0))
+    par = list(pred.stream(files, explain=True, batch_size=4, workers=2))
     assert len(par) == len(files) == 14
     for a, b in zip(seq, par):
         assert type(a) is type(b) and a.source == b.source
@@ -40,6 +39,8 @@ def test_threaded_decoding_matches_predict_many(tiny_package, files):
         else:
             assert a.probabilities == b.probabilities and a.label == b.label
             assert (a.heatmap == b.heatmap).all()
+    one = pred.predict(files[0])  # the single-item path: the same numbers
+    assert one.probabilities == pytest.approx(seq[0].probabilities, abs=1e-6) and one.label == seq[0].label
     kinds = {r.source.rsplit("/", 1)[-1]: r.kind for r in par if isinstance(r, PredictionError)}
     assert set(kinds) == {"img05_corrupt.png", "missing.png"} and kinds["missing.png"] == "ImageNotFoundError"
 

@@ -23,7 +23,7 @@ def test_corrupt_file_is_reported_and_the_rest_finish(tiny_package, batch_folder
     # rows carry exactly what the one inference path says about each file
     import medsight
 
-    direct = medsight.load_model(tiny_package).predict_batch(list(ok["source"]), explain=False)
+    direct = list(medsight.load_model(tiny_package).stream(list(ok["source"]), explain=False))
     for (_, row), r in zip(ok.iterrows(), direct):
         assert row["label"] == r.label and row["refer"] == r.refer and row["statement"] == r.statement
         assert row["p_disc"] == pytest.approx(r.probabilities["disc"], abs=1e-5)

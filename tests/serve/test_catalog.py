@@ -51,7 +51,7 @@ def test_catalog_defaults_to_the_recorded_backend_with_torch_results(onnx_record
     ref = ModelCatalog([onnx_recorded], use_zoo=False, backend="torch", runtime=settings).predictor("tiny")
     assert fast.backend.name == "onnx" and isinstance(ref.backend, TorchBackend)
     assert list(settings.onnx_cache.glob("*.onnx"))  # built on first use, in the catalog's cache
-    _assert_same_results(fast.predict_batch(_samples()), ref.predict_batch(_samples()))
+    _assert_same_results(list(fast.stream(_samples())), list(ref.stream(_samples())))
 
 
 def test_catalog_without_a_record_runs_torch(tiny_package, settings):
@@ -75,7 +75,7 @@ def test_zoo_models_run_their_recorded_backend(settings):
         pred = fast.predictor(card.name)
         assert pred.backend.name == recorded_choice(card)[0], card.name
         if pred.backend.name == "onnx":
-            _assert_same_results(pred.predict_batch(_samples()), ref.predictor(card.name).predict_batch(_samples()))
+            _assert_same_results(list(pred.stream(_samples())), list(ref.predictor(card.name).stream(_samples())))
 
 
 def test_service_settings_choose_the_backend_and_threads(onnx_recorded, tmp_path, monkeypatch):

@@ -6,12 +6,10 @@ from datetime import datetime
 
 import pytest
 
-from medsight.models.card import ModelCard
 from medsight.serve.config import TriageWeights
 from medsight.serve.db import Study
-from medsight.serve.triage import base_score, critical_probability, score
+from medsight.serve.triage import base_score, score
 from medsight.serve.worklist import worklist
-from tests.conftest import TINY_ARCH
 
 NOW = 1_750_000_000.0
 
@@ -91,19 +89,3 @@ def test_filters_and_pagination_through_the_api(svc) -> None:  # noqa: ANN001
     got = [i["accession_number"] for pg in pages for i in pg["items"]]
     assert sorted(got) == ["A", "B", "C", "D", "E", "F"] and len(pages[1]["items"]) == 2
     assert svc.client.get("/api/worklist", params={"status": "bogus"}, headers=h).status_code == 422
-
-
-def _card(task: str, labels: list[str], critical: list[str]) -> ModelCard:
-    from medsight.models.card import InputSpec
-
-    return ModelCard(name="c", task=task, labels=labels, critical_findings=critical, modality="CR", body_part="X",
-                     architecture=TINY_ARCH, input=InputSpec(size=28, channels=1, mean=[0.3], std=[0.2]))
-
-
-def test_critical_probability_per_task() -> None:
-    assert critical_probability(_card("binary", ["normal", "pneumonia"], ["pneumonia"]), {"normal": 0.3, "pneumonia": 0.7}) == 0.7
-    mc = _card("multiclass", ["glioma", "meningioma", "none", "pituitary"], ["glioma", "meningioma", "pituitary"])
-    assert critical_probability(mc, {"glioma": 0.1, "meningioma": 0.2, "none": 0.6, "pituitary": 0.1}) == pytest.approx(0.4)
-    ml = _card("multilabel", ["effusion", "nodule", "pneumothorax"], ["effusion", "pneumothorax"])
-    assert critical_probability(ml, {"effusion": 0.3, "nodule": 0.9, "pneumothorax": 0.6}) == 0.6
-    assert critical_probability(_card("binary", ["a", "b"], []), {"a": 0.1, "b": 0.9}) == 0.0
