@@ -158,11 +158,6 @@ class OODDetector:
     def flags(self, scores: np.ndarray | float) -> np.ndarray:
         return np.asarray(scores) > self.threshold
 
-    def statement(self, score: float) -> str:
-        return (f"Refer to a human: the image looks unlike the model's training data "
-                f"(out-of-distribution score {score:.1f} is above the threshold {self.threshold:.1f}); "
-                f"no finding is reported.")
-
     def arrays(self) -> dict[str, np.ndarray]:
         """The detector's parameters as ``ood.safetensors`` stores them (:func:`load_ood` reads them back)."""
         arrays = {"z_mean": self.z_mean, "z_std": self.z_std}
