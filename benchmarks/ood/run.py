@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from medsight import __version__  # noqa: E402
 from medsight.evaluate.collect import collect_outputs  # noqa: E402
 from medsight.evaluate.curves import risk_coverage  # noqa: E402
-from medsight.models.policy import decided_classes  # noqa: E402
+from medsight.models.policy import decided_classes, referred  # noqa: E402
 from medsight.evaluate.report import jsonable  # noqa: E402
 from benchmarks.shipped import DATA_SETS, is_finished, sample_of, shipped_models  # noqa: E402
 from medsight.models.package import load_package  # noqa: E402
@@ -215,7 +215,7 @@ def run_model(m, data_root: Path, per_set: int, write: bool, reselect: bool = Fa
         conf = probs[np.arange(len(y)), dec]
         correct = dec == y
         rc = risk_coverage(conf, correct)
-        answered = ~det.flags(s_in) & (conf >= pkg.card.confidence.refer_below)
+        answered = ~referred(pkg.card, conf, s_in)
         policy = {"refer_below": pkg.card.confidence.refer_below, "coverage": float(answered.mean()),
                   "error_rate_answered": float(1 - correct[answered].mean()) if answered.any() else None,
                   "error_rate_all": float(1 - correct.mean())}

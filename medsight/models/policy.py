@@ -67,6 +67,13 @@ def out_of_distribution(card: ModelCard, scores: np.ndarray | float) -> np.ndarr
     return np.asarray(scores) > float(card.ood["threshold"])
 
 
+def referred(card: ModelCard, confidence: np.ndarray | float, ood_scores: np.ndarray | float | None = None) -> np.ndarray:
+    """Which results go to a human (:func:`referral` for many at once): unlike the training data, or
+    less probable than the card's ``confidence.refer_below`` floor."""
+    uncertain = np.asarray(confidence) < card.confidence.refer_below
+    return uncertain if ood_scores is None else uncertain | out_of_distribution(card, ood_scores)
+
+
 def referral(card: ModelCard, label: str, confidence: float, ood_score: float | None = None) -> tuple[bool, str]:
     """(refer to a human, the statement shown with the result).
 
@@ -77,10 +84,9 @@ def referral(card: ModelCard, label: str, confidence: float, ood_score: float | 
         return True, (f"Refer to a human: the image looks unlike the model's training data "
                       f"(out-of-distribution score {ood_score:.1f} is above the threshold {float(card.ood['threshold']):.1f}); "
                       f"no finding is reported.")
-    floor = card.confidence.refer_below
-    if confidence < floor:
+    if referred(card, confidence):
         return True, (f"Refer to a human: the model is uncertain (calibrated probability {confidence:.2f} "
-                      f"for '{label}' is below the {floor:.2f} referral floor).")
+                      f"for '{label}' is below the {card.confidence.refer_below:.2f} referral floor).")
     return False, f"Model finding: '{label}' with calibrated probability {confidence:.2f}; confirm clinically."
 
 

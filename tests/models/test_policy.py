@@ -8,7 +8,7 @@ import pytest
 from medsight.models.card import InputSpec, ModelCard
 from medsight.models.package import read_card
 from medsight.models.policy import (NO_FINDING, classes_of_interest, critical_probability, decide, decided_classes,
-                                    finding_labels, is_critical, referral)
+                                    finding_labels, is_critical, referral, referred)
 from tests.conftest import TINY_ARCH
 
 
@@ -53,6 +53,10 @@ def test_out_of_distribution_referral_overrides_a_confident_finding():
     assert "4.2 is above the threshold 3.0" in text
     assert referral(card, "b", 0.99, ood_score=2.0) == referral(card, "b", 0.99)
     assert not referral(_card("binary", ["a", "b"], []), "b", 0.99, ood_score=99.0)[0]  # no detector in the card
+    # many at once: the same rule (floor 0.70 by default)
+    conf, scores = np.array([0.99, 0.6, 0.99, 0.6]), np.array([4.2, 2.0, 2.0, 4.2])
+    assert referred(card, conf, scores).tolist() == [True, True, False, True]
+    assert referred(card, conf, scores).tolist() == [referral(card, "b", c, s)[0] for c, s in zip(conf, scores)]
 
 
 def test_critical_probability_per_task() -> None:
