@@ -56,6 +56,19 @@ class DecoderUnavailableError(ImageReadError):
     reason = "no installed decoder can decompress this transfer syntax"
 
 
+class ImageTooLargeError(ImageReadError):
+    """Refused from its header, before decoding: the image, or the bytes it inflates to, exceeds the
+    pixel budget (``max_pixels``, :mod:`medsight.io.budget`). The service answers 413, the listener 0xA700."""
+
+    reason = "image exceeds the pixel budget"
+
+
+class OverlongPixelDataError(ImageReadError):
+    """Native pixel data holds more than the header declares, by more than padding (less than one frame)."""
+
+    reason = "pixel data is longer than the header declares"
+
+
 class UnknownModelError(MedSightError):
     def __init__(self, name: str, available: list[str]):
         self.name = name

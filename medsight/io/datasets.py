@@ -151,6 +151,7 @@ def load_npz(path: str | Path, split: str, label_names: list[str] | None = None)
         y = labels[:, 0].astype(np.int64)
         n_classes = int(max(y.max() + 1, len(label_names or [])))
         # Binary MedMNIST-style sets always have two classes even if a split holds one.
+    _check_image_budget(data, key_i, path)
         n_classes = max(n_classes, 2)
     else:
         y = labels.astype(np.float32)
@@ -171,6 +172,23 @@ def load_manifest(
         raise DataSetError(f"{path}: cannot read CSV manifest ({e})") from None
     for col in ("path", label_column):
         if col not in df.columns:
+def _check_image_budget(data: Any, key: str, path: Path) -> None:
+    """One image's samples (from the .npy header, before the array is inflated) against the pixel budget."""
+    from numpy.lib import format as npy
+
+    from medsight.io.budget import current_budget
+
+    try:
+        with data.zip.open(f"{key}.npy") as fh:
+            version = npy.read_magic(fh)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape = read_header(fh)[0]
+    except Exception:  # not a plain .npy member: np.load reports it when the array is read
+        return
+    if len(shape) >= 3:
+        current_budget().check_pixels(int(np.prod(shape[1:], dtype=np.int64)), f"one {key} image {tuple(shape[1:])}", path)
+
+
             raise DataSetError(f"{path}: manifest needs a {col!r} column (has {list(df.columns)})")
     if split is not None:
         if "split" not in df.columns:

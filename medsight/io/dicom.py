@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
@@ -47,6 +46,8 @@ from medsight.errors import (
     TruncatedPixelDataError,
     UnsupportedImageError,
 )
+from medsight.io.budget import check_dicom
+from medsight.io.deflate import dcmread
 from medsight.io.image import MedImage
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def read_dicom_frames(path: str | Path) -> list[MedImage]:
     the same frame read with :func:`read_dicom` (which decodes just one frame
     and cannot know the others' range).
     """
-    ds = _open(path)
+    ds = _open(path, all_frames=True)
     with _malformed(path):
         n_frames = _frame_count(ds, path)
         return [
@@ -120,22 +121,26 @@ def read_dicom_frames(path: str | Path) -> list[MedImage]:
 # --------------------------------------------------------------------------- opening
 
 
-def _open(path: str | Path) -> Dataset:
-    """Parse the file and make sure it holds decodable-looking pixel data.
+def _open(path: str | Path, all_frames: bool = False) -> Dataset:
+    """Parse the file and make sure it holds decodable-looking pixel data within the pixel budget.
 
     ``force=True`` is only a fallback: with it pydicom will "parse" any bytes,
     so a forced read is accepted only when it produced elements a real data set
     has. Files that lack a (0002,0010) Transfer Syntax UID (no file meta) get
     one inferred from how the data set was actually encoded, which is only
-    possible when the pixel data is not compressed.
+    possible when the pixel data is not compressed. The budget
+    (:mod:`medsight.io.budget`) is checked on the header, before any decoding;
+    a deflated data set is checked before its pixels are even inflated.
     """
     path = Path(path)
     if path.stat().st_size == 0:
         raise EmptyFileError(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = dcmread(path)
     except InvalidDicomError:
         ds = _force_read(path)
+    except ImageReadError:
+        raise
     except Exception as exc:  # corrupt header: pydicom raises many types
         raise NotAnImageError(path, f"DICOM header could not be parsed: {exc}") from exc
 
@@ -149,6 +154,7 @@ def _open(path: str | Path) -> Dataset:
         raise NoPixelDataError(path, f"SOP class {UID(sop).name}" if sop else None)
     with _malformed(path):
         _ensure_transfer_syntax(ds, path)
+        check_dicom(ds, path, all_frames=all_frames)
     return ds
 
 
@@ -167,7 +173,9 @@ def _malformed(path: str | Path) -> Iterator[None]:
 
 def _force_read(path: Path) -> Dataset:
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = dcmread(path, force=True)
+    except ImageReadError:
+        raise
     except Exception as exc:
         raise NotAnImageError(path, "no DICOM preamble and content does not parse as DICOM") from exc
     if not any(tag in ds for tag in _DICOM_EVIDENCE):

@@ -9,6 +9,10 @@ looks at an axial CT (anterior up, patient's right on the image's left).
 NIfTI carries no display window, so intensities are scaled between the 0.5th
 and 99.5th percentiles of the slice: MR intensities are arbitrary and a few
 hot voxels would otherwise crush the contrast of everything else.
+
+The header's dimensions are checked against the pixel budget (:mod:`medsight.io.budget`)
+before any voxel is read: the slice against ``max_pixels``, and for a gzip-compressed
+file the volume it inflates to against the byte cap.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from medsight.errors import EmptyFileError, NotAnImageError, TruncatedPixelDataError, UnsupportedImageError
+from medsight.io.budget import current_budget
 from medsight.io.image import MedImage
 
 
@@ -50,9 +55,11 @@ def read_nifti(path: str | Path, slice_index: int | None = None) -> MedImage:
     if len(shape) == 2:
         if slice_index not in (None, 0):
             raise IndexError(f"{path}: slice {slice_index} out of range, image is 2-D")
+        _check_budget(img, path, shape, None)
         data, n_slices, index = _load(img, path, ...), 1, 0
     else:
         x_axis, y_axis, z_axis, flips = _axial_layout(img.affine)
+        _check_budget(img, path, shape, z_axis)
         n_slices = shape[z_axis]
         index = n_slices // 2 if slice_index is None else slice_index
         if not 0 <= index < n_slices:
@@ -75,6 +82,18 @@ def _load_image(path: Path):
         head = fh.read(348)
     klass = nib.Nifti2Image if head[4:8] in (b"n+2\x00", b"ni2\x00") else nib.Nifti1Image
     return klass.from_file_map(klass.make_file_map({"image": str(path), "header": str(path)}))
+
+
+def _check_budget(img, path: Path, shape: tuple[int, ...], z_axis: int | None) -> None:
+    """The slice read (``z_axis`` None: the whole 2-D image) and, if gzip-compressed, the volume inflated to reach it."""
+    spatial = shape[:3]
+    volume = int(np.prod(spatial, dtype=np.int64))
+    in_plane = volume // spatial[z_axis] if z_axis is not None else volume
+    budget = current_budget()
+    budget.check_pixels(in_plane, f"a slice of the {'x'.join(map(str, shape))} NIfTI image", path)
+    if path.name.lower().endswith(".gz"):
+        itemsize = np.dtype(img.get_data_dtype()).itemsize
+        budget.check_bytes(volume * itemsize, f"the compressed {'x'.join(map(str, spatial))} volume", path)
 
 
 def _load(img, path: Path, selector) -> np.ndarray:

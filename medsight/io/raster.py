@@ -10,7 +10,10 @@ accepted:
   stretched by its own min/max;
 * alpha is dropped, palettes are expanded (to gray when the palette is gray);
 * anything whose channels we cannot name (2 samples that are not gray+alpha,
-  more than 4 samples) is refused rather than silently truncated.
+  more than 4 samples) is refused rather than silently truncated;
+* the size comes from Pillow's lazy open and is checked against the pixel budget
+  (:mod:`medsight.io.budget`) and Pillow's decompression-bomb limit before a pixel
+  is decoded: past either, the file is refused, not warned about.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medsight.errors import EmptyFileError, ImageReadError, NotAnImageError, TruncatedPixelDataError, UnsupportedImageError
+from medsight.errors import (
+    EmptyFileError,
+    ImageReadError,
+    ImageTooLargeError,
+    NotAnImageError,
+    TruncatedPixelDataError,
+    UnsupportedImageError,
+)
+from medsight.io.budget import current_budget
 from medsight.io.image import MedImage
 
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff", "BMP": "bmp"}
@@ -40,6 +51,7 @@ def read_raster(path: str | Path) -> MedImage:
             fmt = _FORMATS.get(im.format or "", (im.format or "unknown").lower())
             mode = im.mode
             _check_tiff_samples(im, path)
+            _check_budget(im, path)
             im.seek(0)
             im.load()
             pixels = _to_unit(ImageOps.exif_transpose(im), path)
@@ -50,6 +62,8 @@ def read_raster(path: str | Path) -> MedImage:
         raise NotAnImageError(path) from exc
     except (ImageReadError, FileNotFoundError):
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, twice its warning threshold
+        raise ImageTooLargeError(path, str(exc)) from exc
     except Exception as exc:  # corrupt files (and decompression bombs) make Pillow raise almost anything
         if "truncated" in str(exc).lower():
             raise TruncatedPixelDataError(path, str(exc)) from exc
@@ -75,6 +89,16 @@ def _check_tiff_samples(im: Image.Image, path: Path) -> None:
         raise UnsupportedImageError(path, f"TIFF with {spp} samples per pixel")
     if spp == 2 and not any(e in (1, 2) for e in extra):  # 1, 2 = associated/unassociated alpha
         raise UnsupportedImageError(path, "TIFF with 2 samples per pixel that are not gray + alpha")
+
+
+def _check_budget(im: Image.Image, path: Path) -> None:
+    """Width x height x bands (a palette decodes to RGB) from the header; Pillow's bomb warning counts as a refusal."""
+    width, height = im.size
+    bands = 3 if im.mode in ("P", "PA") else len(im.getbands())
+    current_budget().check_pixels(width * height * bands, f"a {width}x{height} image of {bands} band(s)", path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ImageTooLargeError(path, f"{width * height:,} pixels exceed Pillow's decompression-bomb limit of {limit:,}")
 
 
 def _to_unit(im: Image.Image, path: Path) -> np.ndarray:
