@@ -141,6 +141,7 @@ def load_npz(path: str | Path, split: str, label_names: list[str] | None = None)
     key_i, key_l = f"{split}_images", f"{split}_labels"
     if key_i not in data or key_l not in data:
         raise DataSetError(f"{path}: no {key_i}/{key_l} arrays (has {sorted(data.files)})")
+    _check_image_budget(data, key_i, path)
     images, labels = data[key_i], data[key_l]
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DataSetError(f"{path}: {key_i} must be (N,H,W) or (N,H,W,1|3), got {images.shape}")
@@ -151,7 +152,6 @@ def load_npz(path: str | Path, split: str, label_names: list[str] | None = None)
         y = labels[:, 0].astype(np.int64)
         n_classes = int(max(y.max() + 1, len(label_names or [])))
         # Binary MedMNIST-style sets always have two classes even if a split holds one.
-    _check_image_budget(data, key_i, path)
         n_classes = max(n_classes, 2)
     else:
         y = labels.astype(np.float32)
@@ -162,16 +162,6 @@ def load_npz(path: str | Path, split: str, label_names: list[str] | None = None)
     return LabeledDataset(names, images, y, name=f"{path.stem}:{split}")
 
 
-def load_manifest(
-    path: str | Path, split: str | None = None, label_names: list[str] | None = None, label_column: str = "label"
-) -> LabeledDataset:
-    path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={label_column: str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataSetError(f"{path}: cannot read CSV manifest ({e})") from None
-    for col in ("path", label_column):
-        if col not in df.columns:
 def _check_image_budget(data: Any, key: str, path: Path) -> None:
     """One image's samples (from the .npy header, before the array is inflated) against the pixel budget."""
     from numpy.lib import format as npy
@@ -189,6 +179,16 @@ def _check_image_budget(data: Any, key: str, path: Path) -> None:
         current_budget().check_pixels(int(np.prod(shape[1:], dtype=np.int64)), f"one {key} image {tuple(shape[1:])}", path)
 
 
+def load_manifest(
+    path: str | Path, split: str | None = None, label_names: list[str] | None = None, label_column: str = "label"
+) -> LabeledDataset:
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype={label_column: str})
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataSetError(f"{path}: cannot read CSV manifest ({e})") from None
+    for col in ("path", label_column):
+        if col not in df.columns:
             raise DataSetError(f"{path}: manifest needs a {col!r} column (has {list(df.columns)})")
     if split is not None:
         if "split" not in df.columns:
