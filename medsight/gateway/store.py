@@ -32,7 +32,9 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from medsight.integration.files import atomic_write_bytes, encode_part10
-from medsight.errors import MedSightError
+from medsight.errors import ImageTooLargeError, MedSightError
+from medsight.io.budget import check_dicom
+from medsight.io.deflate import open_deflated
 
 log = logging.getLogger("medsight.gateway.store")
 
@@ -72,13 +74,13 @@ def decode_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
 
     pydicom converts values lazily; touching every element here means a
     corrupt value fails now, with a status, instead of later inside analysis.
+    The pixel budget (:mod:`medsight.io.budget`) is checked on the header: a deflated
+    data set is inflated in chunks, its pixels only once its header has passed.
     """
     ts = UID(transfer_syntax)
     fp: io.BytesIO = io.BytesIO(raw)
     if ts.is_deflated:
-        import zlib
-
-        fp = io.BytesIO(zlib.decompress(raw, -zlib.MAX_WBITS))
+        fp = open_deflated(fp)
     ds = read_dataset(fp, is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian)
     if fp.tell() < len(fp.getbuffer()):
         raise ValueError(f"{len(fp.getbuffer()) - fp.tell()} trailing bytes after the data set")
@@ -91,6 +93,7 @@ def decode_dataset(raw: bytes, transfer_syntax: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
     ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
+    check_dicom(ds)
     return ds
 
 
@@ -159,6 +162,8 @@ class InstanceStore:
             return StoreResult(OUT_OF_RESOURCES, f"instance of {len(raw)} bytes exceeds the {self.max_instance_bytes}-byte limit")
         try:
             ds = decode_dataset(raw, ts)
+        except ImageTooLargeError as exc:
+            return StoreResult(OUT_OF_RESOURCES, str(exc))
         except Exception as exc:  # any decoding failure of untrusted bytes is "cannot understand"
             return StoreResult(CANNOT_UNDERSTAND, f"data set cannot be decoded with {ts}: {type(exc).__name__}: {_short(exc)}")
         try:
