@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -52,7 +51,8 @@ from medsight.integration.profile import (
     ProfileOptions,
     resolve,
 )
-from medsight.errors import BurnedInAnnotationError, DeidentificationError, SiteKeyError
+from medsight.errors import BurnedInAnnotationError, DeidentificationError, ImageTooLargeError, SiteKeyError
+from medsight.io.deflate import dcmread
 
 MIN_KEY_BYTES = 16
 KEY_ENV = "MEDSIGHT_DEID_KEY_FILE"
@@ -476,8 +476,11 @@ class DeidOutcome:
 
 
 def read_dicom_dataset(path: str | Path) -> Dataset:
+    """A deflated data set is inflated under the pixel budget (:mod:`medsight.io.deflate`), not all at once."""
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = dcmread(path, force=True)
+    except ImageTooLargeError:
+        raise
     except Exception as exc:
         raise DeidentificationError(f"{path}: not readable as DICOM ({type(exc).__name__}: {exc})") from exc
     if not len(ds):

@@ -25,6 +25,7 @@ from medsight._version import __version__
 from medsight.errors import (
     DuplicateStudyError,
     ImageReadError,
+    ImageTooLargeError,
     MedSightError,
     UnknownModelError,
     UnsupportedModalityError,
@@ -81,7 +82,7 @@ def _error(status: int, e: Exception, **extra: Any) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MedSightError)
     async def _medsight(_req: Request, e: MedSightError) -> Response:
-        if isinstance(e, UploadTooLargeError):
+        if isinstance(e, (UploadTooLargeError, ImageTooLargeError)):
             return _error(413, e)
         if isinstance(e, DuplicateStudyError):
             return _error(409, e, study_id=e.study_id)

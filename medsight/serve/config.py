@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medsight.integration.delivery import OutputSettings
+from medsight.io.budget import DEFAULT_MAX_PIXELS, ENV_VAR as MAX_PIXELS_ENV
 
 #: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
 KNOWN_MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "XC", "OT", "PX", "NM", "PT", "XA", "RF")
@@ -77,6 +78,10 @@ class ServiceSettings(BaseModel):
     inference_threads: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     max_files_per_upload: int = Field(default=500, gt=0)
+    #: The pixel budget (:mod:`medsight.io.budget`; docs/security.md, "Limits"): the most samples (Rows x Columns
+    #: x Samples per Pixel) one decoded frame or slice may have; deflated or gzip-compressed data may inflate to
+    #: 16 bytes per sample of it. Checked from headers, before decoding, wherever an image enters (413 / 0xA700).
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
     lease_seconds: float = Field(default=60.0, gt=0, description="a job whose worker stops heartbeating is reclaimed after this")
     heartbeat_seconds: float | None = Field(default=None, description="default: a third of the lease")
     max_attempts: int = Field(default=3, ge=1, description="claims of one analysis job before it is marked failed")
@@ -124,6 +129,8 @@ class ServiceSettings(BaseModel):
             env["inference_backend"] = os.environ["MEDSIGHT_BACKEND"]
         if os.environ.get("MEDSIGHT_PUBLIC_URL"):
             env["public_url"] = os.environ["MEDSIGHT_PUBLIC_URL"]
+        if os.environ.get(MAX_PIXELS_ENV):
+            env["max_pixels"] = int(os.environ[MAX_PIXELS_ENV])
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(env)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medsight.io.budget import set_max_pixels
 from medsight.predict.settings import RuntimeSettings
 from medsight.serve.catalog import ModelCatalog
 from medsight.serve.config import ServiceSettings
@@ -23,6 +24,7 @@ class ServiceContext:
     @classmethod
     def build(cls, settings: ServiceSettings, migrate: bool = True) -> "ServiceContext":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        set_max_pixels(settings.max_pixels)  # the readers' budget is per process: every entry point reads through them
         db = open_database(settings.db_url, migrate=migrate)
         runtime = RuntimeSettings(intra_op_threads=settings.inference_threads) if settings.inference_threads else None
         return cls(

@@ -2,7 +2,8 @@
 
 Order of operations is what makes "nothing stored half-way" true:
 
-1. expand zip archives into a private temporary folder (with size and count limits),
+1. expand zip archives into a private temporary folder (member count, sizes, compression
+   ratio and names checked from the central directory before anything is extracted),
 2. read every image with the core reader (this is the validation: a corrupt file,
    a non-image, a DICOM without pixel data fails here with the reader's reason),
 3. decide study identity, modality and model (may fail: mixed studies, unknown
@@ -19,11 +20,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-import pydicom
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -31,11 +32,13 @@ from sqlalchemy.exc import IntegrityError
 from medsight.errors import (
     DuplicateStudyError,
     ImageReadError,
+    ImageTooLargeError,
     NotAnImageError,
     UnsupportedModalityError,
     UploadError,
     UploadTooLargeError,
 )
+from medsight.io.deflate import dcmread
 from medsight.io.readers import read_image, sniff
 from medsight.serve.audit import Actor, record
 from medsight.serve.config import KNOWN_MODALITIES, PRIORITIES
@@ -46,6 +49,14 @@ from medsight.serve.triage import base_score
 JOB_PRIORITY = {"stat": 2, "urgent": 1, "routine": 0}
 _ZIP_MAGIC = b"PK\x03\x04"
 _SKIP_NAMES = ("dicomdir", ".ds_store", "thumbs.db")
+#: A zip member that inflates more than this many times its stored size (to a mebibyte or more) is
+#: refused as a zip bomb; real DICOM, PNG and JPEG files compress far less (flat synthetic colour
+#: bars, about 200:1, are the extreme among pydicom's test files).
+MAX_COMPRESSION_RATIO = 500
+_RATIO_FLOOR = 1 << 20
+#: Entries the end-of-central-directory record may list per allowed file (a folder entry and a macOS
+#: "._" twin can come with each) before the archive is refused without parsing its directory.
+_ENTRIES_PER_FILE = 3
 
 
 @dataclass
@@ -76,7 +87,12 @@ def normalise_priority(priority: str | None) -> str:
 
 
 def expand_archives(files: list[tuple[str, Path]], work: Path, max_bytes: int, max_files: int) -> list[tuple[str, Path]]:
-    """Replace each zip by its members; refuse archives whose contents exceed the limits (zip bombs)."""
+    """Replace each zip by its members; refuse archives whose contents exceed the limits (zip bombs).
+
+    Everything is decided from the central directory before a byte is written: the number of
+    members, their declared sizes, each one's compression ratio and name. Members are then
+    extracted streaming, under the same byte limit (zipfile stops each at its declared size).
+    """
     out: list[tuple[str, Path]] = []
     total = 0
     for name, path in files:
@@ -86,11 +102,9 @@ def expand_archives(files: list[tuple[str, Path]], work: Path, max_bytes: int, m
             out.append((name, path))
             continue
         try:
+            _check_entry_count(name, path, max_files - len(out), max_files)
             with zipfile.ZipFile(path) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir() and not _skipped(m.filename)]
-                declared = sum(m.file_size for m in members)
-                if declared > max_bytes:
-                    raise UploadTooLargeError(f"{name}: archive expands to {declared} bytes, limit is {max_bytes}")
+                members = _checked_members(name, zf, max_bytes - total, max_files - len(out), max_files)
                 dest = work / f"zip{len(out)}_{path.stem}"
                 dest.mkdir(parents=True)
                 for k, m in enumerate(members):
@@ -99,7 +113,7 @@ def expand_archives(files: list[tuple[str, Path]], work: Path, max_bytes: int, m
                         n = _copy_limited(src, dst, max_bytes - total, name)
                     total += n
                     out.append((f"{name}/{m.filename}", target))
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
             raise UploadError(f"{name}: not a readable zip archive ({e})") from None
         if len(out) > max_files:
             raise UploadTooLargeError(f"upload holds more than {max_files} files")
@@ -108,6 +122,41 @@ def expand_archives(files: list[tuple[str, Path]], work: Path, max_bytes: int, m
     if len(out) > max_files:
         raise UploadTooLargeError(f"upload holds {len(out)} files, limit is {max_files}")
     return out
+
+
+def _check_entry_count(name: str, path: Path, room: int, max_files: int) -> None:
+    """The end-of-central-directory record says how many entries follow: refuse a flood before zipfile parses them."""
+    with open(path, "rb") as fh:
+        end = zipfile._EndRecData(fh)  # the record zipfile itself reads first
+    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0
+    if entries > _ENTRIES_PER_FILE * room:
+        raise UploadTooLargeError(f"{name}: archive lists {entries} entries; an upload may hold {max_files} files")
+
+
+def _checked_members(name: str, zf: zipfile.ZipFile, room_bytes: int, room_files: int, max_files: int) -> list[zipfile.ZipInfo]:
+    """The members to extract, once the central directory shows that all of them are safe to."""
+    entries = zf.infolist()
+    for m in entries:
+        if _unsafe(m.filename):
+            raise UploadError(f"{name}: member {m.filename!r} has an unsafe path (absolute or with '..')")
+    members = [m for m in entries if not m.is_dir() and not _skipped(m.filename)]
+    if len(members) > room_files:
+        raise UploadTooLargeError(f"{name}: archive holds {len(members)} files; an upload may hold {max_files}")
+    for m in members:
+        if m.flag_bits & 0x1:
+            raise UploadError(f"{name}: member {m.filename!r} is encrypted")
+        if m.file_size >= _RATIO_FLOOR and m.file_size > MAX_COMPRESSION_RATIO * max(m.compress_size, 1):
+            raise UploadTooLargeError(f"{name}: member {m.filename!r} inflates {m.file_size // max(m.compress_size, 1)} times "
+                                      f"(to {m.file_size} bytes); the limit is {MAX_COMPRESSION_RATIO}:1")
+    declared = sum(m.file_size for m in members)
+    if declared > room_bytes:
+        raise UploadTooLargeError(f"{name}: archive expands to {declared} bytes; {room_bytes} of the upload limit remain")
+    return members
+
+
+def _unsafe(member: str) -> bool:
+    path = member.replace("\\", "/")
+    return path.startswith("/") or ".." in PurePosixPath(path).parts or (len(path) > 1 and path[1] == ":")
 
 
 def _skipped(member: str) -> bool:
@@ -148,6 +197,9 @@ def deidentify_on_arrival(files: list[tuple[str, Path]], work: Path, key_file: P
         target = work / f"deid_{k:05d}.dcm"
         try:
             deidentify_file(path, target, config)
+        except ImageTooLargeError as e:
+            e.args = (str(e).replace(str(path), name),)
+            raise
         except MedSightError as e:
             raise UploadError(f"{name}: refused by de-identification: {str(e).replace(str(path), name)}") from None
         out.append((f"deidentified-{k + 1:04d}.dcm", target))  # upload names often hold patient names
@@ -155,7 +207,7 @@ def deidentify_on_arrival(files: list[tuple[str, Path]], work: Path, key_file: P
 
 
 def _deidentified_by_us(path: Path) -> bool:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    ds = dcmread(path, stop_before_pixels=True, force=True)
     methods = ds.get("DeidentificationMethod", "")
     methods = [methods] if isinstance(methods, str) else list(methods or [])
     return str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and any(str(m).startswith("MedSight PS3.15") for m in methods)
@@ -175,7 +227,7 @@ def check_file(name: str, path: Path) -> _Checked:
     fmt = image.meta.get("format", kind)
     meta = dict(image.meta)
     if fmt == "dicom":
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = dcmread(path, stop_before_pixels=True, force=True)
         meta["accession_number"] = str(ds.get("AccessionNumber", "") or "").strip() or None
         meta["study_description"] = str(ds.get("StudyDescription", "") or "").strip() or None
     return _Checked(name, path, fmt, image.height, image.width, meta)
