@@ -11,7 +11,9 @@ operating threshold (a sensitivity target or Youden's J), and writes a *new* pac
 version:
 
 * the weights file is copied byte for byte (same sha256), so the network is
-  provably the original one; the OOD parameters are copied too;
+  provably the original one; the OOD parameters are copied too, and the int8
+  calibration ranges, so the new version runs the recorded backend (``auto``) the
+  new calibration was fitted on;
 * the card gets a bumped version, the new calibration and threshold, the local
   validation metrics (with bootstrap CIs), and a ``training.recalibration``
   provenance record (base model and weights hash, data, split, rule, before/after
@@ -201,6 +203,9 @@ def _assemble(src: Path, dst: Path, card: ModelCard, ood_train: LabeledDataset |
         shutil.copy2(src / card.weights_file, tmp / card.weights_file)
         if card.ood and (src / card.ood.get("file", OOD_FILE)).is_file():
             shutil.copy2(src / card.ood.get("file", OOD_FILE), tmp / card.ood.get("file", OOD_FILE))
+        int8_ranges = ((card.runtime or {}).get("int8") or {}).get("calibration_file")
+        if int8_ranges and (src / int8_ranges).is_file():
+            shutil.copy2(src / int8_ranges, tmp / int8_ranges)
         write_card(card, tmp)
         if ood_train is not None:
             fit_ood(tmp, ood_train, ood_val)

@@ -76,6 +76,20 @@ def test_refuses_to_overwrite_source_or_existing_package(overconfident, tiny_npz
     assert not list(tmp_path.glob(".*tmp-*"))  # no half-written package left behind
 
 
+def test_new_version_keeps_the_int8_ranges_of_its_recorded_backend(overconfident, tiny_npz, tmp_path):
+    """The new calibration is fitted on the recorded (auto) backend's outputs: the new version must be able
+    to rebuild that backend, so the int8 calibration file named in card.runtime travels with the weights."""
+    card = read_card(overconfident)
+    (overconfident / "int8_calibration.json").write_text(json.dumps({"data": {"x": {"lowest": [0], "highest": [1]}}}))
+    card.runtime = {"backend": "torch", "weights_sha256": card.weights_sha256,
+                    "int8": {"calibration_file": "int8_calibration.json", "calibration_sha256": "0" * 64}}
+    write_card(card, overconfident)
+    out = tmp_path / "new"
+    recalibrate(overconfident, tiny_npz, out, split="val", n_boot=20, method="temperature")
+    assert (out / "int8_calibration.json").read_bytes() == (overconfident / "int8_calibration.json").read_bytes()
+    assert read_card(out).runtime == card.runtime
+
+
 def test_failure_midway_leaves_nothing(overconfident, tmp_path):
     imgs, labels = make_images(10, seed=3)
     np.savez(tmp_path / "one.npz", val_images=imgs[labels[:, 0] == 0], val_labels=labels[labels[:, 0] == 0])
