@@ -85,9 +85,21 @@ def referral(card: ModelCard, label: str, confidence: float, ood_score: float | 
                       f"(out-of-distribution score {ood_score:.1f} is above the threshold {float(card.ood['threshold']):.1f}); "
                       f"no finding is reported.")
     if referred(card, confidence):
-        return True, (f"Refer to a human: the model is uncertain (calibrated probability {confidence:.2f} "
-                      f"for '{label}' is below the {card.confidence.refer_below:.2f} referral floor).")
+        # names no label: the statement travels with the result (burned into the PACS overlay too), and
+        # a label there would read as the finding the referral withholds
+        return True, (f"Refer to a human: the model is uncertain (the calibrated probability of its most likely "
+                      f"class, {confidence:.2f}, is below the {card.confidence.refer_below:.2f} referral floor); "
+                      f"no finding is reported.")
     return False, f"Model finding: '{label}' with calibrated probability {confidence:.2f}; confirm clinically."
+
+
+def reported_finding(label: str, refer: bool) -> str | None:
+    """The finding a result states, or None: a referred image and a "no finding" decision state none.
+
+    Every output (DICOM SR and overlay, FHIR, HL7) headlines this and nothing else, so a referral can
+    never reach a PACS or RIS looking like a finding; the decided ``label`` stays in the record.
+    """
+    return None if refer or label == NO_FINDING else label
 
 
 # -- findings --------------------------------------------------------------------------------

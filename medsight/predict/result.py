@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from medsight.io.image import MedImage
+from medsight.models import policy
 
 
 @dataclass
@@ -32,6 +33,12 @@ class Prediction:
     image: MedImage | None = field(default=None, repr=False)
     ood_score: float | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reported_finding(self) -> str | None:
+        """The finding this result may state (:func:`medsight.models.policy.reported_finding`): None when it is
+        referred or finds nothing, so no writer can headline ``label`` where the policy reports no finding."""
+        return policy.reported_finding(self.label, self.refer)
 
     def to_dict(self, heatmap_path: str | None = None) -> dict[str, Any]:
         return {
