@@ -8,6 +8,13 @@ Privacy: the payload names no patient. It carries no name, patient ID or
 birth date and no ``subject``; the receiving system links the report to its
 patient through the imaging study (Study Instance UID) and the order's
 accession number, which it already holds.
+
+Findings: ``conclusionCode`` and an Observation's ``interpretation`` carry
+``Prediction.reported_finding`` only. A referred image's Observations are
+interpreted "IND" (indeterminate, the v3 ObservationInterpretation code for a
+result that can be neither called nor ruled out) and say they are the model's
+uncertain output, and the conclusion carries the referral statement and what
+the card says the model is for.
 """
 
 from __future__ import annotations
@@ -20,16 +27,21 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
+from pydicom.dataset import Dataset
 
 from medsight.integration.results import (
     CODING_SCHEME_URI,
     DISCLAIMER,
     MANUFACTURER,
+    UNCERTAIN_OUTPUT,
     AnalysedImage,
     ReviewAttestation,
     check_one_study,
     label_code,
+    model_context,
     model_name_version,
+    not_analysed_statement,
+    study_uid,
 )
 from medsight.errors import ResultExportError
 
@@ -39,6 +51,8 @@ OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 DIAG_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
 RESULT_ID_SYSTEM = "urn:medsight:result"  # our identifiers: stable across delivery retries of one bundle
 ACCESSION_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+INDETERMINATE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                             "code": "IND", "display": "Indeterminate"}]}
 
 
 def _urn() -> str:
@@ -66,11 +80,11 @@ def _finding(label: str) -> dict:
 
 def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | None = None) -> Bundle:
     """Transaction Bundle: Device, Observations (probability of each label per image), DiagnosticReport."""
-    study_uid = check_one_study(images)
+    uid = check_one_study(images)
     issued = issued or dt.datetime.now(dt.timezone.utc)
     name, version = model_name_version(images[0].prediction)
     bundle_id = str(uuid.uuid4())
-    study_ref = {"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}}
+    study_ref = _study_ref(uid)
     device_url = _urn()
     device = Device.model_validate({
         "resourceType": "Device", "manufacturer": MANUFACTURER,
@@ -83,6 +97,7 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
     observation_urls = []
     for k, analysed in enumerate(images):
         p = analysed.prediction
+        finding = p.reported_finding
         instance = str(analysed.source.get("SOPInstanceUID", ""))
         where = f"SOP Instance {instance}" + (f" frame {analysed.frame_number}" if analysed.frame_number else "")
         for j, (label, prob) in enumerate(p.probabilities.items()):
@@ -93,32 +108,62 @@ def build_fhir_bundle(images: Sequence[AnalysedImage], issued: dt.datetime | Non
                 "code": {"coding": [{"system": CODING_SCHEME_URI, "code": f"P-{label_code(label)}", "display": f"Probability of {label}"}],
                          "text": f"Probability of {label}"},
                 "valueQuantity": {"value": round(float(prob), 6), "unit": "1", "system": UCUM, "code": "1"},
-                "interpretation": [_finding(label)] if label == p.label else None,
+                "interpretation": [_finding(label)] if label == finding else [INDETERMINATE] if p.refer else None,
                 "issued": issued.isoformat(),
                 "device": {"reference": device_url},
                 "derivedFrom": [{**study_ref, "display": where}],
-                "note": [{"text": f"{p.statement} {DISCLAIMER}."}] if label == p.label else None,
+                "note": [{"text": " ".join([p.statement, *([UNCERTAIN_OUTPUT] if p.refer else []), f"{DISCLAIMER}."])}]
+                if label == p.label or p.refer else None,
             })
             url = _urn()
             observation_urls.append(url)
             entries.append(_create("Observation", url, obs))
-    report: dict = {
-        "resourceType": "DiagnosticReport", "status": "preliminary",
-        "category": [{"coding": [{"system": DIAG_SERVICE, "code": "RAD", "display": "Radiology"}]}],
-        "code": {"coding": [{"system": CODING_SCHEME_URI, "code": label_code(name), "display": f"{MANUFACTURER} {name} {version}"}],
-                 "text": f"AI image analysis ({name} {version})"},
-        "issued": issued.isoformat(),
-        "result": [{"reference": u} for u in observation_urls],
-        "imagingStudy": [study_ref],
-        "conclusion": " ".join(dict.fromkeys(a.prediction.statement for a in images)) + f" {DISCLAIMER}.",
-        "conclusionCode": [_finding(lab) for lab in dict.fromkeys(a.prediction.label for a in images)],
-    }
-    accession = str(images[0].source.get("AccessionNumber", "") or "").strip()
-    report["identifier"] = [_identifier(bundle_id, "report")]
-    if accession:
-        report["identifier"].append({"type": ACCESSION_TYPE, "value": accession})
+    findings = [f for f in dict.fromkeys(a.prediction.reported_finding for a in images) if f is not None]
+    statements = [*dict.fromkeys(a.prediction.statement for a in images), *model_context(images[0].card)]
+    report = _report(bundle_id, uid, images[0].source, "preliminary", f"AI image analysis ({name} {version})",
+                     label_code(name), f"{MANUFACTURER} {name} {version}", issued, " ".join(statements) + f" {DISCLAIMER}.")
+    report.update({"result": [{"reference": u} for u in observation_urls],
+                   "conclusionCode": [_finding(f) for f in findings] or None})
     entries.append(_create("DiagnosticReport", _urn(), DiagnosticReport.model_validate(report)))
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
+
+def build_not_analysed_fhir_bundle(sources: Sequence[Dataset], reason: str, issued: dt.datetime | None = None) -> Bundle:
+    """The notice for a study no model was run on (``reason``: routing's "not analysed: ..." message).
+
+    A DiagnosticReport with status ``cancelled`` ("unavailable because the measurement was not started",
+    FHIR R4) and the reason as its conclusion: no Observation, no conclusionCode, nothing a receiver could
+    take for a finding. ``sources``: the study's image headers (pydicom Datasets).
+    """
+    if not sources:
+        raise ResultExportError("no source images: nothing to report")
+    report = _report(str(uuid.uuid4()), study_uid(sources), sources[0], "cancelled", "AI image analysis: not analysed",
+                     "NOT-ANALYSED", f"{MANUFACTURER} AI image analysis", issued or dt.datetime.now(dt.timezone.utc),
+                     not_analysed_statement(reason))
+    entries = [_create("DiagnosticReport", _urn(), DiagnosticReport.model_validate(report))]
+    return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
+
+def _study_ref(uid: str) -> dict:
+    return {"type": "ImagingStudy", "identifier": {"system": DICOM_UID, "value": f"urn:oid:{uid}"}}
+
+
+def _report(bundle_id: str, uid: str, source: Dataset, status: str, text: str, code: str, display: str,
+            issued: dt.datetime, conclusion: str) -> dict:
+    """A DiagnosticReport (as a dict) about study ``uid``, identified by ours and by the source's accession number."""
+    report: dict = {
+        "resourceType": "DiagnosticReport", "status": status,
+        "identifier": [_identifier(bundle_id, "report")],
+        "category": [{"coding": [{"system": DIAG_SERVICE, "code": "RAD", "display": "Radiology"}]}],
+        "code": {"coding": [{"system": CODING_SCHEME_URI, "code": code, "display": display}], "text": text},
+        "issued": issued.isoformat(),
+        "imagingStudy": [_study_ref(uid)],
+        "conclusion": conclusion,
+    }
+    accession = str(source.get("AccessionNumber", "") or "").strip()
+    if accession:
+        report["identifier"].append({"type": ACCESSION_TYPE, "value": accession})
+    return report
 
 
 def build_reviewed_fhir_bundle(images: Sequence[AnalysedImage], review: ReviewAttestation,
@@ -156,7 +201,7 @@ def build_reviewed_fhir_bundle(images: Sequence[AnalysedImage], review: ReviewAt
     report.update({
         "status": "final", "issued": issued.isoformat(),
         "resultsInterpreter": [{"display": review.reviewer_name.replace("^", " ").strip()}],
-        "conclusion": f"{review.statement(reviewed.prediction.label)} Model: {reviewed.prediction.statement}",
+        "conclusion": f"{review.statement(reviewed.prediction.reported_finding)} Model: {reviewed.prediction.statement}",
         "conclusionCode": [_finding(review.label)],
     })
     target["resource"] = DiagnosticReport.model_validate(report)
@@ -206,4 +251,4 @@ def post_bundle(bundle: Bundle | str | bytes, endpoint: str, timeout: float = 30
         return {}
 
 
-__all__ = ["build_fhir_bundle", "build_reviewed_fhir_bundle", "post_bundle", "bundle_json", "FhirPostError", "RESULT_ID_SYSTEM"]
+__all__ = ["build_fhir_bundle", "build_not_analysed_fhir_bundle", "build_reviewed_fhir_bundle", "post_bundle", "bundle_json", "FhirPostError", "RESULT_ID_SYSTEM"]

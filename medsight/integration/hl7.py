@@ -7,6 +7,15 @@ with the reported finding, one (ST) with the Study Instance UID so the RIS
 can link the result to the images, one (TX) with the confidence statement;
 NTE (after OBR) with the disclaimer.
 
+An image without a reported finding (``Prediction.reported_finding`` is None:
+referred, or nothing found) has no finding OBX; a referred image's probability
+OBXs are named as the model's uncertain output, because a RIS lists OBX rows
+as result lines and "probability of <label> 0.97" alone reads as a finding.
+
+A study no model applies to gets no message: an ORU^R01 on the order's
+accession number is a result for the radiologist's own order, and a RIS may
+file or close that order on it; the order simply stays open for its reader.
+
 After a radiologist's review the same order is sent again with result status
 F (confirmed) or C (corrected) in OBR-25 and every OBX-11, plus, for the
 reviewed image, the reader's finding (CWE) and the review statement (TX):
@@ -96,16 +105,20 @@ def build_oru_r01(images: Sequence[AnalysedImage], sending_facility: str = "HOSP
     for i, analysed in enumerate(images, start=1):
         p = analysed.prediction
         obx("ST", "SOP-UID", f"Image {i} SOP Instance UID", str(analysed.source.get("SOPInstanceUID", "")))
-        obx("CWE", "FINDING", f"Image {i} finding", f"{label_code(p.label)}^{_escape(p.label)}^{CODING_SCHEME}")
+        finding = p.reported_finding
+        if finding is not None:
+            obx("CWE", "FINDING", f"Image {i} finding", f"{label_code(finding)}^{_escape(finding)}^{CODING_SCHEME}")
+        uncertain = " (uncertain model output, not a finding)" if p.refer else ""
         for label, prob in p.probabilities.items():
-            obx("NM", f"P-{label_code(label)}"[:16], f"Image {i} probability of {label}", f"{float(prob):.6f}", "1^no units^UCUM")
+            obx("NM", f"P-{label_code(label)}"[:16], f"Image {i} probability of {label}{uncertain}", f"{float(prob):.6f}",
+                "1^no units^UCUM")
         obx("NM", "CONFIDENCE", f"Image {i} calibrated confidence", f"{float(p.confidence):.6f}", "1^no units^UCUM")
         obx("ST", "REFER", f"Image {i} refer to human reader", "Y" if p.refer else "N")
         obx("TX", "STATEMENT", f"Image {i} confidence statement", _escape(p.statement))
         if review is not None and str(analysed.source.get("SOPInstanceUID", "")) == review.sop_instance_uid:
             obx("CWE", "READER-FINDING", f"Image {i} finding of the human reader",
                 f"{label_code(review.label)}^{_escape(review.label)}^{CODING_SCHEME}")
-            obx("TX", "REVIEW", f"Image {i} review", _escape(review.statement(p.label)))
+            obx("TX", "REVIEW", f"Image {i} review", _escape(review.statement(finding)))
     return msg
 
 

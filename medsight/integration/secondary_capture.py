@@ -5,6 +5,11 @@ SR and presentation states, so this is how the heat map reaches the reading
 room. The caption is drawn *below* the image (in its own band) so it never
 hides anatomy, and small model-resolution images are enlarged first so the
 text stays legible.
+
+The caption names a label only where ``Prediction.reported_finding`` does: a
+referred image's caption says "refer to human reader", that no finding is
+reported, and the referral statement, and never which class the heat map
+explains (a burned-in label would be read as the finding, whatever else it says).
 """
 
 from __future__ import annotations
@@ -35,10 +40,20 @@ MIN_WIDTH = 512
 
 
 def caption_lines(analysed: AnalysedImage) -> list[str]:
+    """The caption's headline lines: the disclaimer, then the decision, what the heat map shows, the model."""
     p = analysed.prediction
     name, version = model_name_version(p)
-    decision = "REFER TO HUMAN READER" if p.refer else f"{p.label} (p={p.confidence:.2f})"
-    return [DISCLAIMER, f"{decision} | heat map: {p.heatmap_label or p.label} | {name} {version}"]
+    finding = p.reported_finding
+    if finding is not None:
+        return [DISCLAIMER, f"{finding} (p={p.confidence:.2f}) | heat map: {p.heatmap_label or finding} | {name} {version}"]
+    decision = "REFER TO HUMAN READER - no finding reported" if p.refer else "No finding reported"
+    return [DISCLAIMER, f"{decision} | {name} {version}"]
+
+
+def caption_prose(analysed: AnalysedImage) -> str:
+    """Burned in below the headline where no finding is reported: why (the referral statement)."""
+    p = analysed.prediction
+    return "" if p.reported_finding is not None else p.statement
 
 
 def render_overlay(analysed: AnalysedImage, min_width: int = MIN_WIDTH) -> np.ndarray:
@@ -55,16 +70,18 @@ def render_overlay(analysed: AnalysedImage, min_width: int = MIN_WIDTH) -> np.nd
     if picture.width < min_width:
         scale = min_width / picture.width
         picture = picture.resize((min_width, max(1, round(picture.height * scale))), Image.Resampling.BICUBIC)
-    return np.asarray(_with_caption(picture, caption_lines(analysed)))
+    return np.asarray(_with_caption(picture, caption_lines(analysed), caption_prose(analysed)))
 
 
-def _with_caption(picture: Image.Image, lines: list[str]) -> Image.Image:
+def _with_caption(picture: Image.Image, lines: list[str], prose: str = "") -> Image.Image:
+    """``lines`` shrink the font until they fit; ``prose`` is then wrapped at word breaks in that font."""
     width = picture.width
     size = max(12, width // 28)
     font = ImageFont.load_default(size=size)
     while size > 8 and max(font.getlength(line) for line in lines) > width - 2 * (size // 2):
         size -= 1
         font = ImageFont.load_default(size=size)
+    lines = lines + _wrap(prose, font, width - 2 * (size // 2))
     line_h = int(size * 1.35)
     band = Image.new("RGB", (width, line_h * len(lines) + size), (0, 0, 0))
     draw = ImageDraw.Draw(band)
@@ -74,6 +91,16 @@ def _with_caption(picture: Image.Image, lines: list[str]) -> Image.Image:
     out.paste(picture, (0, 0))
     out.paste(band, (0, picture.height))
     return out
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, room: float) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= room:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def build_overlay_sc(analysed: AnalysedImage, series_instance_uid: str | None = None, series_number: int | None = None,
@@ -90,7 +117,7 @@ def build_overlay_sc(analysed: AnalysedImage, series_instance_uid: str | None = 
         # blanked below when the source does not state one (Type 2 allows empty).
         coordinate_system="PATIENT", patient_orientation=orientation if len(orientation) == 2 and all(orientation) else ("L", "F"),
         series_instance_uid=series_instance_uid or generate_uid(),
-        series_number=series_number or next_series_number([analysed], SC_SERIES_OFFSET),
+        series_number=series_number or next_series_number([src], SC_SERIES_OFFSET),
         sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=instance_number,
         manufacturer=MANUFACTURER, transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=f"{DISCLAIMER} (heat map)"[:64], software_versions=f"medsight {__version__}",
@@ -116,8 +143,8 @@ def build_overlay_sc(analysed: AnalysedImage, series_instance_uid: str | None = 
 def build_overlay_series(images: Sequence[AnalysedImage]) -> list[hd.sc.SCImage]:
     """All overlays of a study as one new series."""
     check_one_study(images)
-    series_uid, number = generate_uid(), next_series_number(images, SC_SERIES_OFFSET)
+    series_uid, number = generate_uid(), next_series_number([a.source for a in images], SC_SERIES_OFFSET)
     return [build_overlay_sc(a, series_uid, number, instance_number=i) for i, a in enumerate(images, start=1)]
 
 
-__all__ = ["build_overlay_sc", "build_overlay_series", "render_overlay", "caption_lines"]
+__all__ = ["build_overlay_sc", "build_overlay_series", "render_overlay", "caption_lines", "caption_prose"]
