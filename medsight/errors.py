@@ -96,7 +96,13 @@ class MetricNotComputableError(MedSightError):
 
 
 class UnsupportedModalityError(MedSightError):
-    """No installed model reads this modality, or the chosen model is for another one."""
+    """Not analysed: no installed model applies to the study (none reads its modality, or none fits what its
+    header says), or the requested model does not. ``decision``, where routing made it, holds every card's
+    reasons (medsight.models.applicability.RoutingDecision)."""
+
+    def __init__(self, message: str, decision: object | None = None):
+        self.decision = decision
+        super().__init__(message)
 
 
 class UploadError(MedSightError):

@@ -75,9 +75,12 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path) -> Pa
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_package: Path) -> Path:
-    """The shared tiny model, re-carded as 'tiny-xr' reading CR/DX/CT/MR (the weights are untouched)."""
+    """The shared tiny model, re-carded as 'tiny-xr' reading CR/DX/CT/MR of any body part (the weights are
+    untouched): service tests feed it CT slices and header-less PNGs, so its applicability declares only
+    the modalities (a zoo card always names body parts; docs/routing.md)."""
     import shutil
 
+    from medsight.models.card import Applicability, NeverGiven
     from medsight.models.package import read_card, write_card
 
     root = tmp_path_factory.mktemp("models")
@@ -85,5 +88,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_package: Path) -> 
     shutil.copytree(tiny_package, dest)
     card = read_card(dest)
     card.name, card.modality = "tiny-xr", "CR/DX/CT/MR (test phantom)"
+    card.applicability = Applicability(modalities=["CR", "DX", "CT", "MR"], body_parts=["ANY"],
+                                       never=NeverGiven(text="a test phantom: never a patient's study"))
     write_card(card, dest)
     return root

@@ -7,9 +7,10 @@ the service and the DICOM gateway cannot disagree about how a model is run.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["binary", "multiclass", "multilabel"]
 
@@ -107,6 +108,88 @@ class MetricValue(_Strict):
     ci: list[float | None] | None = None
 
 
+# -- where a model applies (read by medsight.models.applicability.route; docs/routing.md) --------------------
+_CODE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a DICOM Code String (CS): upper case, digits, space, underscore
+#: ``body_parts: ["ANY"]`` declares a model that does not depend on the body part (test phantoms); never a zoo model.
+ANY_BODY_PART = "ANY"
+Photometric = Literal["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
+                      "YBR_PARTIAL_420", "PALETTE COLOR"]
+
+
+def _code(value: str) -> str:
+    code = " ".join(str(value).split()).upper()
+    if not _CODE.match(code):
+        raise ValueError(f"{value!r} is not a DICOM code string (upper-case letters, digits, space or _, at most 16)")
+    return code
+
+
+Code = Annotated[str, AfterValidator(_code)]
+
+
+class AgeRange(_Strict):
+    """Completed years at the study date, both ends included (the training data's ages)."""
+
+    min_years: float | None = Field(default=None, ge=0)
+    max_years: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AgeRange":
+        if self.min_years is None and self.max_years is None:
+            raise ValueError("an age range needs min_years, max_years or both (leave age_years out for no limit)")
+        if self.min_years is not None and self.max_years is not None and self.min_years > self.max_years:
+            raise ValueError(f"age range min_years {self.min_years} is above max_years {self.max_years}")
+        return self
+
+
+class NeverGiven(_Strict):
+    """What the model must never be given: ``text`` for the model's page, codes that are refused outright."""
+
+    text: str = Field(min_length=1)
+    modalities: list[Code] = []
+    body_parts: list[Code] = []
+    view_positions: list[Code] = []
+    #: words that refuse an image where they appear (whole word, any case) in its descriptions or Image Type,
+    #: e.g. LOCALIZER or MRA for a model trained on diagnostic slices only
+    keywords: list[str] = []
+
+    @field_validator("keywords")
+    @classmethod
+    def _words(cls, v: list[str]) -> list[str]:
+        if any(not w.strip() for w in v):
+            raise ValueError("never.keywords must not hold blank words")
+        return [" ".join(w.upper().split()) for w in v]
+
+
+class Applicability(_Strict):
+    """The studies a model may be given. Every constraint that is set must be met by what the study's
+    DICOM header says, and a study whose header does not say is not given to the model: a model is only
+    ever run where its training data says it is valid, never where nothing says it is not.
+
+    ``None`` (or an absent key) means "not a constraint of this model"; ``basis`` records where the
+    values come from (the card's intended use, the training data's ages), so a reader can check them.
+    """
+
+    modalities: list[Code] = Field(min_length=1, description="DICOM Modality (0008,0060) codes")
+    body_parts: list[Code] = Field(min_length=1, description="DICOM Body Part Examined (0018,0015) code strings")
+    view_positions: list[Code] | None = Field(default=None, description="DICOM View Position (0018,5101), e.g. PA, AP")
+    age_years: AgeRange | None = None
+    photometric: list[Photometric] | None = Field(default=None, description="Photometric Interpretation (0028,0004)")
+    laterality: list[Literal["L", "R", "B", "U"]] | None = Field(default=None, description="(Image) Laterality")
+    never: NeverGiven
+    basis: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Applicability":
+        if ANY_BODY_PART in self.body_parts and len(self.body_parts) > 1:
+            raise ValueError(f"body_parts {ANY_BODY_PART!r} stands alone (it means the body part is not a constraint)")
+        for field, refused in (("modalities", self.never.modalities), ("body_parts", self.never.body_parts),
+                               ("view_positions", self.never.view_positions)):
+            both = sorted(set(getattr(self, field) or ()) & set(refused))
+            if both:
+                raise ValueError(f"{field} {both} are both accepted and in never.{field}")
+        return self
+
+
 class ModelCard(_Strict):
     name: str
     version: str = "1.0.0"
@@ -116,6 +199,8 @@ class ModelCard(_Strict):
     critical_findings: list[str] = []
     modality: str
     body_part: str
+    #: where the model applies; a card without it is never chosen for a study automatically
+    applicability: Applicability | None = None
     description: str = ""
     architecture: Architecture
     input: InputSpec

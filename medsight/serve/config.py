@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medsight.integration.delivery import OutputSettings
+from medsight.models.applicability import RoutingRule
 from medsight.io.budget import DEFAULT_MAX_PIXELS, ENV_VAR as MAX_PIXELS_ENV
 
 #: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
@@ -66,10 +67,14 @@ class ServiceSettings(BaseModel):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")
     model_paths: list[Path] = Field(default_factory=list, description="extra model package folders searched before the zoo")
     use_zoo: bool = Field(default=True, description="also offer the shipped zoo and $MEDSIGHT_MODEL_PATH packages")
-    #: Preferred model per DICOM modality when an upload names none (used only if that model is installed).
+    #: Preferred model per DICOM modality when several apply to a study (used only if that model applies).
     default_models: dict[str, str] = {
         "CR": "pneumonia-cxr", "DX": "pneumonia-cxr", "US": "breast-us-busi", "MR": "brain-tumor-mri", "XC": "skin-lesion-ham",
     }
+    #: The site's own words for body parts, e.g. ``{"keyword": "NEURO ROUTINE", "body_part": "HEAD",
+    #: "fields": ["ProtocolName"]}``: checked before the built-in keyword table (docs/routing.md);
+    #: a malformed rule stops the service at start-up.
+    routing_rules: list[RoutingRule] = []
     #: How every model runs (``medsight.predict.backends``): ``auto`` takes the backend that
     #: ``medsight runtime tune`` recorded in the card (the fastest one that kept the test AUC within
     #: 0.005 of PyTorch); ``torch`` forces eager PyTorch, e.g. to compare against a research setup.

@@ -30,7 +30,8 @@ class ServiceContext:
         return cls(
             settings=settings, db=db, store=FileStore(settings.files_dir),
             catalog=ModelCatalog(settings.model_paths, settings.default_models, use_zoo=settings.use_zoo,
-                                 backend=settings.inference_backend, runtime=runtime),
+                                 backend=settings.inference_backend, runtime=runtime,
+                                 routing_rules=settings.routing_rules),
             queue=JobQueue(db, settings.lease_seconds),
         )
 

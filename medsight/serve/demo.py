@@ -2,7 +2,8 @@
 
 Uses the same samples as ``medsight demo`` (``medsight/samples/samples.json``) and
 the normal upload path, so the demo exercises exactly what a real upload does.
-Samples whose model is not installed are skipped with a note.
+Samples whose model is not installed, or does not apply (the adult chest CR named for the
+paediatric model; docs/routing.md), are skipped with a note.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def load_demo_studies(ctx: ServiceContext, console: Console | None = None) -> li
             card = ctx.catalog.card(e["model"])
             path = sample_path(e)
             modality = None if path.suffix.lower() == ".dcm" else _first_modality(card.modality)
+            # A PNG/JPEG sample has no header to route on; it comes from its model's own test split
+            # (samples.json), so the demo overrides applicability for it. DICOM samples are routed as any study.
             study = ingest(ctx, UploadRequest([(path.name, path)], modality, card.name,
                                               DEMO_PRIORITY.get(path.name, "routine"), f"DEMO-{k:02d}",
-                                              (f"demo sample, reference label {e['truth']}" if e.get("truth") else f"demo sample: {e.get('note', '')}")[:250]), actor)
+                                              (f"demo sample, reference label {e['truth']}" if e.get("truth") else f"demo sample: {e.get('note', '')}")[:250],
+                                              override_applicability=modality is not None), actor)
             ids.append(study.id)
         except MedSightError as err:
             console.print(f"demo: skipped {e.get('file') or e.get('pydicom_data')}: {err}", highlight=False)

@@ -40,6 +40,7 @@ from medsight.errors import (
 )
 from medsight.io.deflate import dcmread
 from medsight.io.readers import read_image, sniff
+from medsight.models.applicability import StudyAttributes
 from medsight.serve.audit import Actor, record
 from medsight.serve.config import KNOWN_MODALITIES, PRIORITIES
 from medsight.serve.context import ServiceContext
@@ -67,6 +68,8 @@ class UploadRequest:
     priority: str = "routine"
     accession_number: str | None = None
     description: str | None = None
+    #: run the requested ``model`` although it does not apply (an operator's decision; audited; docs/routing.md)
+    override_applicability: bool = False
 
 
 @dataclass
@@ -230,6 +233,7 @@ def check_file(name: str, path: Path) -> _Checked:
         ds = dcmread(path, stop_before_pixels=True, force=True)
         meta["accession_number"] = str(ds.get("AccessionNumber", "") or "").strip() or None
         meta["study_description"] = str(ds.get("StudyDescription", "") or "").strip() or None
+        meta["routing"] = StudyAttributes.from_header(ds)  # what routing reads: body part, view, age, ...
     return _Checked(name, path, fmt, image.height, image.width, meta)
 
 
@@ -269,7 +273,8 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
             files = deidentify_on_arrival(files, work, s_cfg.deid_key_file)
         checked = [check_file(name, path) for name, path in files]
         study_uid, modality, fmt = plan_study(checked, req.modality)
-        card = ctx.catalog.choose(modality, req.model)
+        card = ctx.catalog.choose(modality, req.model, [c.meta["routing"] for c in checked if "routing" in c.meta],
+                                  override=req.override_applicability)
         with ctx.db.session() as s:
             existing = s.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one_or_none()
         if existing is not None:
@@ -303,7 +308,8 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
                 ctx.queue.enqueue(s, "analyse", study.id, {}, priority=JOB_PRIORITY[priority],
                                   max_attempts=s_cfg.max_attempts)
                 record(s, actor, "study.create", "study", study.id, study_uid=study_uid, modality=modality,
-                       model=card.name, files=len(seen), priority=priority)
+                       model=card.name, files=len(seen), priority=priority,
+                       **({"applicability_override": True} if req.override_applicability else {}))
         except IntegrityError:
             raise DuplicateStudyError(study_uid, None) from None
         return study

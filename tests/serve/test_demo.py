@@ -21,7 +21,10 @@ def test_demo_loads_the_samples_of_installed_models(tmp_path: Path) -> None:
 
     entries = json.loads((SAMPLES_DIR / "samples.json").read_text())
     installed = {c.name for c in list_cards()}
-    expected = [e for e in entries if e["model"] in installed]
+    # The DICOM samples are routed like any study since docs/routing.md: the adult chest CR (RG1) does not
+    # fit the paediatric model it is listed for and US1 names no body part, so neither is queued.
+    expected = [e for e in entries if e["model"] in installed and "file" in e]
+    refused = [e for e in entries if e["model"] in installed and "pydicom_data" in e]
     if not expected:
         pytest.skip("no zoo model of the demo samples is installed yet")
     ctx = ServiceContext.build(ServiceSettings(data_dir=tmp_path / "demo"))
@@ -35,8 +38,7 @@ def test_demo_loads_the_samples_of_installed_models(tmp_path: Path) -> None:
             assert {u.username for u in s.execute(select(User)).scalars()} == {"admin", "radiologist"}
         assert len(studies) == len(expected) == len(jobs)
         assert [st.model for st in studies] == [e["model"] for e in expected]
-        stat = [st for st in studies if st.requested_priority == "stat"]
-        assert all(st.source_format == "dicom" and st.modality == "CR" for st in stat)
+        assert refused and not any(st.source_format == "dicom" for st in studies)
         assert prepare_demo(ctx) == []  # restart: nothing re-created, no password printed again
     finally:
         ctx.close()
