@@ -116,7 +116,7 @@ def serve_cmd(
     """Start the clinical service (API, web pages) and its background workers."""
     import uvicorn
 
-    from medsight.serve.api import create_app
+    from medsight.serve.app import create_app
 
     if demo and data_dir is None and not os.environ.get("MEDSIGHT_DATA_DIR"):
         data_dir = DEMO_DIR

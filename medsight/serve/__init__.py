@@ -11,6 +11,6 @@ __all__ = ["ServiceSettings", "create_app"]
 
 
 def create_app(settings: ServiceSettings | None = None):  # noqa: ANN201 - FastAPI imported lazily
-    from medsight.serve.api import create_app as _create
+    from medsight.serve.app import create_app as _create
 
     return _create(settings)

@@ -76,6 +76,26 @@ def record(session: Session, actor: Actor, action: str, object_type: str, object
     return ev
 
 
+@dataclass(frozen=True)
+class Auditor:
+    """``record`` bound to one transaction and the actor doing the work in it.
+
+    A request gets one (``medsight.serve.deps.Audit``), so a handler or use case names
+    only what it did: ``audit("study.read", "study", study_id)``. ``actor`` overrides the
+    bound one where nobody is logged in yet (a login attempt).
+    """
+
+    session: Session
+    actor: Actor | None = None
+
+    def __call__(self, action: str, object_type: str, object_id: object = None, *, actor: Actor | None = None,
+                 **detail: Any) -> AuditEvent:
+        who = actor or self.actor
+        if who is None:
+            raise RuntimeError(f"audit {action!r}: no actor (the route has no role gate and none was given)")
+        return record(self.session, who, action, object_type, object_id, **detail)
+
+
 @dataclass
 class VerifyReport:
     ok: bool

@@ -5,6 +5,7 @@ issued at login, sent as ``Authorization: Bearer <token>`` by API clients and
 as an HttpOnly, SameSite=Strict cookie by the browser. The database stores only
 the token's SHA-256. Pages posting forms with the cookie also send a CSRF
 token derived from the session token (a cross-site page cannot read it).
+The FastAPI side (reading credentials, role gates) is :mod:`medsight.serve.deps`.
 
 Roles and what they may do:
 
@@ -23,7 +24,6 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from fastapi import HTTPException, Request
 from pwdlib import PasswordHash
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -124,65 +124,3 @@ class Principal:
     @property
     def csrf(self) -> str:
         return csrf_token(self.token)
-
-
-class LoginRequired(Exception):
-    """Raised by page dependencies; the app turns it into a redirect to the login page."""
-
-    def __init__(self, next_url: str):
-        self.next_url = next_url
-
-
-def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
-def credentials(request: Request) -> tuple[str | None, bool]:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None, False
-    cookie = request.cookies.get(COOKIE)
-    return (cookie, True) if cookie else (None, False)
-
-
-class Require:
-    """FastAPI dependency: the caller must be logged in with one of ``roles``.
-
-    401 without valid credentials, 403 with a role not in the list. ``openapi``
-    puts the allowed roles in the route's OpenAPI entry (``x-roles``), which both
-    documents them and lets the test suite check every route.
-    """
-
-    def __init__(self, *roles: str, page: bool = False):
-        unknown = [r for r in roles if r not in ROLES]
-        if unknown or not roles:
-            raise ValueError(f"bad roles {roles}")
-        self.roles = tuple(roles)
-        self.page = page
-
-    @property
-    def openapi(self) -> dict:
-        return {"x-roles": list(self.roles)}
-
-    def __call__(self, request: Request) -> Principal:
-        raw, via_cookie = credentials(request)
-        user = None
-        if raw:
-            with request.app.state.ctx.db.session() as s:
-                u = user_for_token(s, raw)
-                user = (u.id, u.username, u.role) if u else None
-        if user is None:
-            if self.page:
-                raise LoginRequired(str(request.url.path))
-            raise HTTPException(401, "not authenticated: log in and send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        principal = Principal(user[0], user[1], user[2], client_ip(request), raw, via_cookie)
-        if principal.role not in self.roles:
-            raise HTTPException(403, f"role {principal.role!r} may not do this; allowed: {', '.join(self.roles)}")
-        if (via_cookie and not self.page and request.method not in ("GET", "HEAD", "OPTIONS")
-                and not hmac.compare_digest(request.headers.get("x-csrf-token", ""), principal.csrf)):
-            raise HTTPException(403, "missing or wrong X-CSRF-Token header for a cookie-authenticated request")
-        return principal
-
-
-ANY_ROLE = ROLES

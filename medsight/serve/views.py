@@ -1,4 +1,6 @@
-"""Read models shared by the JSON API and the web pages (one place decides what a study looks like)."""
+"""Read models shared by the JSON API and the web pages: one place decides what a study, a user or an
+audit event looks like. Their shapes are declared in :mod:`medsight.serve.schemas`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from medsight.serve.config import TriageWeights
-from medsight.serve.db import Job, Result, Review, Study
+from medsight.serve.db import AuditEvent, Job, Result, Review, Study, User
 from medsight.serve.reviews import key_result, review_dict
 from medsight.serve.triage import score, urgency
 from medsight.serve.worklist import study_row
@@ -48,3 +50,14 @@ def study_detail(s: Session, st: Study, w: TriageWeights, include_reviews: bool 
         reviews = s.execute(select(Review).where(Review.study_id == st.id).order_by(Review.id)).scalars().all()
         out["reviews"] = [review_dict(r) for r in reviews]
     return out
+
+
+def user_dict(u: User) -> dict[str, Any]:
+    return {"id": u.id, "username": u.username, "role": u.role, "full_name": u.full_name, "active": u.active,
+            "created_at": u.created_at.isoformat() + "Z"}
+
+
+def audit_dict(e: AuditEvent) -> dict[str, Any]:
+    return {"id": e.id, "ts": e.ts.isoformat() + "Z", "actor": e.actor, "role": e.role, "action": e.action,
+            "object_type": e.object_type, "object_id": e.object_id, "client_ip": e.client_ip, "detail": e.detail,
+            "hash": e.hash}

@@ -10,11 +10,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from medsight.errors import MedSightError
 from medsight.serve.config import TriageWeights
 from medsight.serve.db import STUDY_STATUSES, Study
 from medsight.serve.triage import score_sql, urgency
 
 OPEN_STATUSES = ("queued", "analysing", "analysed", "failed")
+
+
+class WorklistError(MedSightError, ValueError):
+    """A worklist filter names a status that does not exist."""
 
 
 def parse_statuses(status: str | None) -> list[str] | None:
@@ -26,7 +31,7 @@ def parse_statuses(status: str | None) -> list[str] | None:
     wanted = [s.strip() for s in status.split(",") if s.strip()]
     bad = [s for s in wanted if s not in STUDY_STATUSES]
     if bad:
-        raise ValueError(f"unknown status {', '.join(bad)}; use open, all or {', '.join(STUDY_STATUSES)}")
+        raise WorklistError(f"unknown status {', '.join(bad)}; use open, all or {', '.join(STUDY_STATUSES)}")
     return wanted
 
 

@@ -190,7 +190,7 @@ def _sqlite_from_template(db_url: str) -> None:
 def make_service(tmp_path: Path, db_url: str, models_dir: Path, **overrides: object) -> Svc:
     from fastapi.testclient import TestClient
 
-    from medsight.serve.api import create_app
+    from medsight.serve.app import create_app
     from medsight.serve.auth import issue_token
     from medsight.serve.config import ServiceSettings
     from medsight.serve.context import ServiceContext

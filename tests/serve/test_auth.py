@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi.routing import APIRoute
 from typer.testing import CliRunner
 
-from medsight.serve.auth import Require
+from medsight.serve.deps import Require
 from tests.serve.conftest import PASSWORD, ROLES
 
 PUBLIC_API = {("/health", "get"), ("/api/auth/login", "post")}
@@ -56,9 +56,9 @@ def test_every_openapi_route_requires_a_role(svc) -> None:  # noqa: ANN001
 
 
 def test_every_web_page_requires_a_role(svc) -> None:  # noqa: ANN001
-    from medsight.serve.web import web_router
+    from medsight.serve.pages import router as pages_router
 
-    pages = [r for r in web_router().routes if isinstance(r, APIRoute)]
+    pages = [r for r in pages_router.routes if isinstance(r, APIRoute)]
     assert len(pages) >= 12
     for route in pages:
         for method in route.methods:

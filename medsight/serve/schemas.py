@@ -1,0 +1,280 @@
+"""Request bodies and typed responses of the JSON API: what ``/openapi.json`` documents.
+
+The read models in :mod:`medsight.serve.views` (and ``worklist``, ``reviews``) build
+the dictionaries; these classes are the contract they are checked against on the way
+out. Timestamps are ISO 8601 strings in UTC, as the dictionaries write them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+# --------------------------------------------------------------------------- request bodies
+class LoginBody(BaseModel):
+    username: str
+    password: str
+
+
+class UserBody(BaseModel):
+    username: str
+    password: str = Field(min_length=1)
+    role: str
+    full_name: str = ""
+
+
+class UserPatch(BaseModel):
+    active: bool | None = None
+    role: str | None = None
+
+
+class ReviewBody(BaseModel):
+    label: str | None = Field(default=None, description="the reviewer's label for the image (single-label models)")
+    findings: dict[str, bool] | None = Field(default=None, description="per finding: present? (multilabel models)")
+    note: str = ""
+    result_id: int | None = Field(default=None, description="which image's result; default: the study's key image")
+
+
+# --------------------------------------------------------------------------- service
+class JobCounts(BaseModel):
+    queued: int
+    running: int
+    done: int
+    failed: int
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    database: str = Field(description="sqlite | postgresql")
+    jobs: JobCounts
+
+
+class Job(BaseModel):
+    id: int
+    kind: str
+    study_id: int | None
+    status: str
+    attempts: int
+    channel: str | None = Field(description="the delivery channel of a deliver job")
+    owner: str | None
+    finished_by: str | None
+    last_error: str | None
+    created_at: str
+
+
+class JobRetried(BaseModel):
+    id: int
+    kind: str
+    status: str
+    attempts: int
+    max_attempts: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    modality: str
+    modalities: list[str] = Field(description="DICOM modality codes the model reads")
+    task: str
+    labels: list[str]
+    findings: list[str] = Field(description="labels a reviewer confirms or corrects")
+    critical_findings: list[str]
+    body_part: str
+
+
+# --------------------------------------------------------------------------- auth and users
+class User(BaseModel):
+    id: int
+    username: str
+    role: str
+    full_name: str
+    active: bool
+    created_at: str
+
+
+class Login(BaseModel):
+    token: str
+    token_type: str
+    expires_in_s: int
+    user: User
+
+
+class Me(BaseModel):
+    id: int
+    username: str
+    role: str
+
+
+class Status(BaseModel):
+    status: str
+
+
+# --------------------------------------------------------------------------- studies
+class StudyRow(BaseModel):
+    id: int
+    study_uid: str
+    accession_number: str | None
+    description: str | None
+    modality: str
+    model: str
+    requested_priority: str
+    status: str
+    finding: str | None
+    critical_probability: float | None
+    critical: bool
+    refer: bool
+    received_at: str
+    waiting_minutes: float
+    score: float = Field(description="triage priority score (higher: more urgent)")
+    urgency: str = Field(description="high | medium | low")
+    error: str | None
+
+
+class WorklistFilters(BaseModel):
+    modality: str | None
+    status: str
+
+
+class Worklist(BaseModel):
+    items: list[StudyRow]
+    total: int
+    page: int
+    page_size: int
+    pages: int
+    filters: WorklistFilters
+
+
+class Instance(BaseModel):
+    id: int
+    original_name: str
+    format: str
+    rows: int
+    columns: int
+    sop_instance_uid: str | None
+    patient_sex: str | None
+    patient_age: int | None
+    image_url: str
+
+
+class Result(BaseModel):
+    id: int
+    instance_id: int
+    model: str
+    task: str
+    labels: list[str]
+    findings: list[str]
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    refer: bool
+    statement: str
+    critical_probability: float
+    critical: bool
+    heatmap_label: str | None
+    created_at: str
+    image_url: str
+    overlay_url: str | None
+    heatmap_url: str | None
+
+
+class StudyJob(BaseModel):
+    id: int
+    status: str
+    attempts: int
+    last_error: str | None
+
+
+class ReviewFinding(BaseModel):
+    finding: str
+    model_present: bool
+    reviewer_present: bool
+    action: str = Field(description="confirm | correct")
+
+
+class Review(BaseModel):
+    id: int
+    study_id: int
+    result_id: int
+    reviewer: str
+    reviewer_name: str
+    label: str
+    action: str = Field(description="confirm | correct")
+    note: str
+    created_at: str
+    findings: list[ReviewFinding]
+
+
+class StudyDetail(StudyRow):
+    instances: list[Instance]
+    results: list[Result]
+    key_result_id: int | None
+    job: StudyJob | None
+    reviews: list[Review] | None = Field(default=None, description="absent for technologists and in the upload answer")
+
+
+# --------------------------------------------------------------------------- agreement
+class Proportion(BaseModel):
+    value: float | None
+    ci: list[float] | None = Field(description="95% Wilson interval")
+    n: int
+
+
+class Rates(BaseModel):
+    tp: int
+    fn: int
+    tn: int
+    fp: int
+    n: int
+    sensitivity: Proportion
+    specificity: Proportion
+    agreement: Proportion
+
+
+class PeriodRates(Rates):
+    period: str
+
+
+class FindingAgreement(BaseModel):
+    overall: Rates
+    over_time: list[PeriodRates]
+
+
+class Agreement(BaseModel):
+    period: str
+    reference: str
+    models: dict[str, dict[str, FindingAgreement]] = Field(description="model name -> finding -> rates")
+
+
+# --------------------------------------------------------------------------- audit
+class AuditEvent(BaseModel):
+    id: int
+    ts: str
+    actor: str
+    role: str | None
+    action: str
+    object_type: str
+    object_id: str | None
+    client_ip: str | None
+    detail: dict[str, Any]
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEvent]
+    total: int
+    page: int
+    page_size: int
+
+
+class AuditVerify(BaseModel):
+    ok: bool
+    checked: int
+    head: str
+    problems: list[str]
+
+
+#: a PNG answer, for the OpenAPI entry of the image routes
+PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "the image"}}

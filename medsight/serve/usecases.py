@@ -1,0 +1,165 @@
+"""What the JSON API and the pages both do, written once.
+
+Each use case does its work in the caller's transaction and audits it there with the
+request's :class:`~medsight.serve.audit.Auditor`, so an API route and the page that
+shows the same thing cannot drift apart in what they check, return or log. Reviews
+go through :func:`medsight.serve.reviewed_report.submit_review`, uploads through
+:func:`medsight.serve.ingest.ingest`; both audit themselves.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from medsight.errors import UploadError
+from medsight.serve.audit import Actor, Auditor, verify
+from medsight.serve.auth import (
+    UserError,
+    authenticate,
+    create_user,
+    issue_token,
+    revoke_token,
+)
+from medsight.serve.config import TriageWeights
+from medsight.serve.context import ServiceContext
+from medsight.serve.db import ROLES, AuditEvent, Study, User
+from medsight.serve.ingest import UploadRequest, ingest
+from medsight.serve.reviews import agreement
+from medsight.serve.views import audit_dict, study_detail
+from medsight.serve.worklist import worklist
+
+
+# --------------------------------------------------------------------------- sessions
+def login(s: Session, audit: Auditor, client_ip: str | None, username: str, password: str,
+          token_hours: float) -> tuple[str, User] | None:
+    """A new session token for a right password; None (audited as ``login.failed``) otherwise."""
+    user = authenticate(s, username, password)
+    if user is None:
+        audit("login.failed", "user", None, actor=Actor(username[:64] or "?", None, None, client_ip))
+        return None
+    raw, _ = issue_token(s, user, token_hours)
+    audit("login", "user", user.id, actor=Actor(user.username, user.role, user.id, client_ip))
+    return raw, user
+
+
+def logout(s: Session, audit: Auditor, token: str, user_id: int) -> None:
+    revoke_token(s, token)
+    audit("logout", "user", user_id)
+
+
+# --------------------------------------------------------------------------- studies
+def save_uploads(ctx: ServiceContext, uploads: list[tuple[str | None, BinaryIO]]) -> tuple[Path, list[tuple[str, Path]]]:
+    """Copy uploaded streams into a private temporary folder: (folder, [(file name, path)])."""
+    work = Path(tempfile.mkdtemp(dir=ctx.store.tmp_dir, prefix="upload-"))
+    files = []
+    for k, (name, stream) in enumerate(uploads):
+        dest = work / f"{k:05d}"
+        with open(dest, "wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        files.append((Path(name or f"file{k}").name, dest))
+    return work, files
+
+
+def upload_study(ctx: ServiceContext, actor: Actor, uploads: list[tuple[str | None, BinaryIO]], modality: str | None,
+                 model: str | None, priority: str | None, accession_number: str | None,
+                 description: str | None) -> int:
+    """Ingest one study (its own transactions: files are stored before rows); the new study's id."""
+    if not uploads:
+        raise UploadError("no files in the upload")
+    work, files = save_uploads(ctx, uploads)
+    try:
+        return ingest(ctx, UploadRequest(files, modality or None, model or None, priority or "routine",
+                                         accession_number or None, description or None), actor).id
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def get_study(s: Session, study_id: int) -> Study:
+    st = s.get(Study, study_id)
+    if st is None:
+        raise LookupError(f"study {study_id} not found")
+    return st
+
+
+def read_study(s: Session, audit: Auditor, w: TriageWeights, study_id: int, include_reviews: bool) -> dict[str, Any]:
+    out = study_detail(s, get_study(s, study_id), w, include_reviews=include_reviews)
+    audit("study.read", "study", study_id)
+    return out
+
+
+def read_worklist(s: Session, audit: Auditor, w: TriageWeights, modality: str | None, status: str | None,
+                  page: int, page_size: int) -> dict[str, Any]:
+    out = worklist(s, w, modality, status, page, page_size)
+    audit("worklist.read", "study", None, modality=modality, status=status, page=page,
+          studies=[i["id"] for i in out["items"]])
+    return out
+
+
+def read_agreement(s: Session, audit: Auditor, model: str | None, period: str) -> dict[str, Any]:
+    out = agreement(s, model, period)
+    audit("agreement.read", "review", None, model=model)
+    return out
+
+
+# --------------------------------------------------------------------------- users
+def list_users(s: Session) -> list[User]:
+    return list(s.execute(select(User).order_by(User.username)).scalars())
+
+
+def add_user(s: Session, audit: Auditor, username: str, password: str, role: str, full_name: str = "") -> User:
+    u = create_user(s, username, password, role, full_name)
+    audit("user.create", "user", u.id, username=u.username, role=u.role)
+    return u
+
+
+def update_user(s: Session, audit: Auditor, by_user_id: int, user_id: int, active: bool | None = None,
+                role: str | None = None) -> User:
+    """Change a user's role or active flag (``by_user_id``: the administrator, who may not deactivate themself).
+
+    Everything is checked before anything changes, so a caller that turns the refusal into a page can commit.
+    """
+    u = s.get(User, user_id)
+    if u is None:
+        raise LookupError(f"user {user_id} not found")
+    if role is not None and role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}")
+    if active is False and u.id == by_user_id:
+        raise UserError("you cannot deactivate yourself")
+    if role is not None:
+        u.role = role
+    if active is not None:
+        u.active = active
+    audit("user.update", "user", u.id, **{k: v for k, v in (("active", active), ("role", role)) if v is not None})
+    return u
+
+
+# --------------------------------------------------------------------------- audit trail
+def audit_events(s: Session, page: int, page_size: int, actor: str | None = None, object_type: str | None = None,
+                 object_id: str | None = None) -> dict[str, Any]:
+    """One page of the audit trail, newest first, optionally filtered (not itself audited: see :func:`read_audit`)."""
+    q = select(AuditEvent)
+    for col, val in ((AuditEvent.actor, actor), (AuditEvent.object_type, object_type), (AuditEvent.object_id, object_id)):
+        if val:
+            q = q.where(col == val)
+    total = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
+    rows = s.execute(q.order_by(AuditEvent.id.desc()).limit(page_size).offset((page - 1) * page_size)).scalars()
+    return {"items": [audit_dict(e) for e in rows], "total": total, "page": page, "page_size": page_size}
+
+
+def read_audit(s: Session, audit: Auditor, page: int, page_size: int, **filters: str | None) -> dict[str, Any]:
+    out = audit_events(s, page, page_size, **filters)
+    audit("audit.read", "audit", None, page=page)
+    return out
+
+
+def verify_audit(s: Session, audit: Auditor, **detail: Any) -> dict[str, Any]:
+    """Recompute the hash chain; every edited or deleted event is reported."""
+    rep = verify(s)
+    audit("audit.verify", "audit", None, ok=rep.ok, checked=rep.checked, **detail)
+    return rep.to_dict()
