@@ -92,6 +92,10 @@ def listen_cmd(
     tls_ca: TlsCa = None,
     keep_received: Annotated[bool, typer.Option("--keep-received", help="keep the inbox copy of each study after the service stored its own (default: removed once queued)")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="worker threads in this process that analyse and deliver (0: 'medsight serve' / 'medsight worker' do it)")] = 1,
+    acse_timeout: Annotated[float, typer.Option("--acse-timeout", min=0.1, help="seconds a connection may take for its TLS handshake and association request before it is closed")] = 5.0,
+    max_associations: Annotated[int, typer.Option("--max-associations", min=1, help="associations at once (as many connections still negotiating are kept; the oldest is closed for a new one)")] = 32,
+    max_per_peer: Annotated[int, typer.Option("--max-per-peer", min=1, help="associations at once from one IP address")] = 8,
+    any_called_aet: Annotated[bool, typer.Option("--any-called-aet", help="accept requests addressed to any called AE title (default: only --aet)")] = False,
 ) -> None:
     """Run a DICOM Storage SCP (C-ECHO, C-STORE) that queues each complete study in the service.
 
@@ -123,7 +127,9 @@ def listen_cmd(
         listener = ListenerConfig(ae_title=aet, host=host, port=port, data_dir=cfg.data_dir / "dicom-inbox",
                                   allowed_calling_aets=tuple(calling_aet or ()), allow_any_ae=allow_any_ae,
                                   idle_timeout=idle_timeout, deid=deid, keep_received=keep_received,
-                                  tls=_tls(tls_cert, tls_key, tls_ca, server=True))
+                                  tls=_tls(tls_cert, tls_key, tls_ca, server=True), acse_timeout=acse_timeout,
+                                  max_associations=max_associations, max_per_peer=max_per_peer,
+                                  require_called_aet=not any_called_aet)
         scp = StorageSCP(listener, on_study_complete=ServiceStudyCallback(ctx, model=model))
         scp.start()
     except (MedSightError, OSError, ValueError) as e:

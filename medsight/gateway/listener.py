@@ -6,8 +6,13 @@ a worker thread; the default callback (:mod:`medsight.gateway.pipeline`) runs
 the Predictor and sends SR + Secondary Capture back, and the service (issue
 5) can pass its own callback that enqueues a job instead.
 
-Security defaults: bound to 127.0.0.1, and only listed calling AE titles may
-associate (others get an A-ASSOCIATE-RJ, "calling AE title not recognised").
+Security defaults: bound to 127.0.0.1; only listed calling AE titles may
+associate (others get an A-ASSOCIATE-RJ, "calling AE title not recognised"),
+and only requests addressed to our AE title ("called AE title not recognised"
+otherwise). Connections that send nothing or garbage cannot hold the listener:
+:mod:`medsight.gateway.admission` closes them after ``acse_timeout`` seconds,
+or sooner when newer connections are waiting, and limits associations in all
+and per peer address.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from medsight.gateway.admission import ConnectionGate, GatedAssociationServer
 from medsight.gateway.store import InstanceStore, StoreResult
 
 log = logging.getLogger("medsight.gateway.listener")
@@ -81,14 +87,24 @@ class ListenerConfig:
     keep_received: bool = False
     #: DICOM over TLS (:mod:`medsight.integration.tls`); with ``tls.ca_file`` clients must present a certificate.
     tls: object | None = None  # medsight.integration.tls.TlsSettings
-    max_associations: int = 10
+    #: Seconds a connection may take for its TLS handshake and A-ASSOCIATE-RQ (and, later, an A-RELEASE).
+    acse_timeout: float = 5.0
+    #: Associations at once, in all and from one IP address; as many connections that have not
+    #: associated yet are kept besides (the oldest is closed when a new one comes).
+    max_associations: int = 32
+    max_per_peer: int = 8
+    #: Seconds an established association may stay silent (and a DIMSE reply may take).
     network_timeout: float = 60.0
+    #: Reject requests addressed to another AE title (off only for senders that cannot be configured).
+    require_called_aet: bool = True
 
     def __post_init__(self) -> None:
         if not self.allow_any_ae and not self.allowed_calling_aets:
             raise ValueError("configure allowed_calling_aets, or set allow_any_ae=True explicitly")
         if not 0 < len(self.ae_title.strip()) <= 16:
             raise ValueError("AE title must be 1-16 characters")
+        if min(self.acse_timeout, self.network_timeout) <= 0 or min(self.max_associations, self.max_per_peer) < 1:
+            raise ValueError("timeouts must be positive, max_associations and max_per_peer at least 1")
 
 
 @dataclass
@@ -136,21 +152,27 @@ class StorageSCP:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> "StorageSCP":
-        ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_associations = self.config.max_associations
-        ae.network_timeout = self.config.network_timeout
-        ae.acse_timeout = self.config.network_timeout
-        ae.dimse_timeout = self.config.network_timeout
-        if not self.config.allow_any_ae:
-            ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        cfg = self.config
+        ae = AE(ae_title=cfg.ae_title)
+        # pynetdicom counts every connection's thread, associated or not; the gate enforces the
+        # limits, this is only a backstop above what the gate lets in
+        ae.maximum_associations = 4 * cfg.max_associations
+        ae.network_timeout = ae.dimse_timeout = cfg.network_timeout
+        ae.acse_timeout = cfg.acse_timeout  # also pynetdicom's ARTIM timer: a silent connection is closed after it
+        ae.require_called_aet = cfg.require_called_aet
+        if not cfg.allow_any_ae:
+            ae.require_calling_aet = list(cfg.allowed_calling_aets)
         ae.add_supported_context(sop_class.Verification)
         for cls in IMAGE_STORAGE_CLASSES:
             ae.add_supported_context(cls, TRANSFER_SYNTAXES)
+        self._gate = ConnectionGate(cfg.max_associations, cfg.max_per_peer, cfg.acse_timeout, cfg.network_timeout)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ACCEPTED, self._on_accepted)]
-        ssl_context = self.config.tls.server_context() if self.config.tls is not None else None  # fails before binding
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
-                                       ssl_context=ssl_context)
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ACCEPTED, self._on_accepted), *self._gate.handlers()]
+        ssl_context = cfg.tls.server_context() if cfg.tls is not None else None  # fails before binding
+        server = ae.make_server((cfg.host, cfg.port), evt_handlers=handlers, ssl_context=ssl_context,
+                                server_class=GatedAssociationServer, gate=self._gate)
+        threading.Thread(target=server.serve_forever, name="medsight-dicom-accept", daemon=True).start()
+        self._server = server
         self._watcher = threading.Thread(target=self._watch, name="medsight-study-watcher", daemon=True)
         self._watcher.start()
         log.info("listening as %s on %s:%s%s", self.config.ae_title, self.config.host, self.port,
@@ -188,8 +210,11 @@ class StorageSCP:
         log.info("association accepted from %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_rejected(self, event) -> None:
-        log.warning("association rejected: calling AE %r from %s is not allowed", event.assoc.requestor.ae_title,
-                    event.assoc.requestor.address)
+        rj = event.assoc.acceptor.primitive  # the A-ASSOCIATE-RJ pynetdicom sent
+        rq = event.assoc.requestor
+        log.warning("association rejected (%s): calling AE %r, called AE %r, from %s",
+                    rj.reason_str if rj is not None else "no reason given", rq.ae_title, rq.primitive.called_ae_title,
+                    rq.address)
 
     def _on_store(self, event) -> int:
         req = event.request
@@ -210,6 +235,7 @@ class StorageSCP:
     def _watch(self) -> None:
         period = max(0.05, min(1.0, self.config.idle_timeout / 4))
         while not self._stop.wait(period):
+            self._gate.sweep()
             for st in self.store.due_studies(self.config.idle_timeout):
                 study = ReceivedStudy(st.uid, sorted(st.instances.values()), st.calling_aets, self.config.data_dir)
                 self._pool.submit(self._complete, study)

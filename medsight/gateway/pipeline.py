@@ -7,6 +7,10 @@ same one inference path (:class:`~medsight.predict.predictor.Predictor`). The
 worker that analyses the study also builds the SR, the overlay Secondary
 Captures, the FHIR and HL7 messages the site configured, and queues their
 delivery as ``deliver`` jobs with retry (:mod:`medsight.integration.delivery`).
+
+An instance that arrives after its study was handed over (the sender was slower
+than the idle timeout) is not dropped: it joins the service's study and the study
+is analysed again (:func:`medsight.serve.ingest.add_instances`).
 """
 
 from __future__ import annotations
@@ -74,8 +78,7 @@ class ServiceStudyCallback:
         try:
             queued = ingest_files(self.ctx, files, actor=actor, model=self.model, priority=priority)
         except DuplicateStudyError as e:
-            log.warning("study %s was already received: %s (late instances are not analysed again)", study.study_instance_uid, e)
-            return StudyOutcome(f"already in the service: {e}")
+            return self._late(study, files, actor, e)
         except MedSightError as e:  # unreadable image, no model for the modality, ...: refused, listener keeps serving
             log.warning("study %s refused by the service: %s", study.study_instance_uid, e)
             return StudyOutcome(f"refused: {e}")
@@ -83,6 +86,23 @@ class ServiceStudyCallback:
                  queued.model, len(files))
         # ingest_files stored its own copies in the same transaction as the job: the inbox copy may go
         return StudyOutcome(f"queued as study {queued.id} ({queued.model}, priority {priority})", handed_off=True)
+
+    def _late(self, study: ReceivedStudy, files: list[Path], actor, duplicate: Exception) -> StudyOutcome:  # noqa: ANN001
+        """Instances of a study the service already holds: they join it and it is analysed again."""
+        from medsight.errors import MedSightError
+        from medsight.serve.ingest import add_instances
+
+        try:
+            joined, added = add_instances(self.ctx, files, actor=actor)
+        except MedSightError as e:
+            log.warning("study %s: late instances refused by the service: %s", study.study_instance_uid, e)
+            return StudyOutcome(f"late instances refused: {e}")
+        if not added:
+            log.info("study %s was already received: nothing new in it", study.study_instance_uid)
+            return StudyOutcome(f"already in the service: {duplicate}")
+        log.info("study %s: %d late instance(s) joined service study %s, analysed again", study.study_instance_uid, added,
+                 joined.id)
+        return StudyOutcome(f"{added} late instance(s) joined study {joined.id}; analysed again", handed_off=True)
 
 
 __all__ = ["ServiceStudyCallback", "analysable_instances", "is_own_output", "requested_priority"]

@@ -299,12 +299,7 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
                     if sha in seen:
                         continue
                     seen.add(sha)
-                    s.add(Instance(
-                        study_id=study.id, sop_instance_uid=c.meta.get("sop_instance_uid"), file_sha256=sha,
-                        file_size=c.path.stat().st_size, original_name=c.name[-256:], format=c.format,
-                        rows=c.rows, columns=c.columns, patient_sex=c.meta.get("patient_sex"),
-                        patient_age=c.meta.get("patient_age"),
-                    ))
+                    s.add(_instance_row(study.id, c, sha))
                 ctx.queue.enqueue(s, "analyse", study.id, {}, priority=JOB_PRIORITY[priority],
                                   max_attempts=s_cfg.max_attempts)
                 record(s, actor, "study.create", "study", study.id, study_uid=study_uid, modality=modality,
@@ -315,6 +310,12 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
         return study
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _instance_row(study_id: int, c: _Checked, sha: str) -> Instance:
+    return Instance(study_id=study_id, sop_instance_uid=c.meta.get("sop_instance_uid"), file_sha256=sha,
+                    file_size=c.path.stat().st_size, original_name=c.name[-256:], format=c.format, rows=c.rows,
+                    columns=c.columns, patient_sex=c.meta.get("patient_sex"), patient_age=c.meta.get("patient_age"))
 
 
 def _epoch(naive_utc: datetime) -> float:
@@ -329,3 +330,61 @@ def ingest_files(ctx: ServiceContext, paths: list[Path], actor: Actor | None = N
     """
     req = UploadRequest([(Path(p).name, Path(p)) for p in paths], **request)  # type: ignore[arg-type]
     return ingest(ctx, req, actor or Actor("dicom-listener", "system"))
+
+
+def add_instances(ctx: ServiceContext, paths: list[Path], actor: Actor | None = None) -> tuple[Study, int]:
+    """Instances that arrive after their study was created join that study, which is analysed again.
+
+    A modality or PACS may send an instance after the listener's idle timeout handed its study
+    over (a late series, an image resent after a fix). It is validated like an upload, stored,
+    added to the study's record, and a new ``analyse`` job analyses the whole study again, so the
+    worklist ranks it by the result over every image; the event is audited (``study.instances_added``).
+    Instances the study already holds (same SOP Instance UID or same file) are skipped: with nothing
+    new, nothing is queued. Returns the study and the number of instances added. Raises
+    :class:`~medsight.errors.UploadError` when the study is not in the service or the files do not
+    fit it (another study, another modality), and the catalog's refusal when the study's model does
+    not apply to them (docs/routing.md).
+    """
+    actor = actor or Actor("dicom-listener", "system")
+    work = Path(tempfile.mkdtemp(dir=ctx.store.tmp_dir, prefix="late-"))
+    try:
+        files = [(Path(p).name, Path(p)) for p in paths]
+        if ctx.settings.deid_key_file is not None:
+            files = deidentify_on_arrival(files, work, ctx.settings.deid_key_file)
+        checked = [check_file(name, path) for name, path in files]
+        study_uid, modality, _ = plan_study(checked, None)
+        with ctx.db.session() as s:
+            study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+            if study is None:
+                raise UploadError(f"study {study_uid} is not in the service")
+            if study.modality != modality:
+                raise UploadError(f"the study is {study.modality}, the new instances are {modality}")
+            study_id, priority = study.id, study.requested_priority
+            known = {(i.sop_instance_uid, i.file_sha256) for i in study.instances}
+        ctx.catalog.choose(modality, study.model, [c.meta["routing"] for c in checked if "routing" in c.meta])
+        sops, shas = {sop for sop, _ in known}, {sha for _, sha in known}
+        new = [c for c in checked if not (c.meta.get("sop_instance_uid") and c.meta.get("sop_instance_uid") in sops)]
+        added = []
+        for c in new:
+            sha = ctx.store.put_file(c.path)  # files first, rows after
+            if sha not in shas:
+                shas.add(sha)
+                added.append((c, sha))
+        if not added:
+            return study, 0
+        try:
+            with ctx.db.session() as s:
+                row = s.get(Study, study_id)
+                for c, sha in added:
+                    s.add(_instance_row(row.id, c, sha))
+                # always a new job: one already queued may be claimed before this transaction commits
+                job = ctx.queue.enqueue(s, "analyse", row.id, {"reason": "late instances"}, priority=JOB_PRIORITY[priority],
+                                        max_attempts=ctx.settings.max_attempts)
+                row.status, row.error = "queued", None  # back on the open worklist until analysed again
+                record(s, actor, "study.instances_added", "study", row.id, study_uid=study_uid, files=len(added),
+                       instances=len(known) + len(added), job=job.id)
+        except IntegrityError:  # another process added the same files meanwhile
+            return study, 0
+        return row, len(added)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

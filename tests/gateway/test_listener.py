@@ -1,6 +1,7 @@
 """Storage SCP against real, independent clients (dcmtk echoscu/storescu) and a pynetdicom SCU.
 
-What is checked: C-ECHO works and unknown calling AE titles are rejected;
+What is checked: C-ECHO works, unknown calling AE titles and requests for another
+called AE title are rejected;
 real pydicom-data files arrive byte-identical in pixel data and are grouped
 into studies; the study-complete callback fires once per study after the idle
 timeout; bad input gets a specific DIMSE status, stores nothing and leaves
@@ -88,6 +89,21 @@ def test_echoscu_succeeds_and_unknown_calling_ae_is_rejected(listener: StorageSC
     assert bad.returncode != 0
     assert "Calling AE Title Not Recognized" in bad.stderr
     assert any("INTRUDER" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_a_wrong_called_ae_title_is_rejected_unless_the_operator_opts_out(listener: StorageSCP, tmp_path: Path,
+                                                                         caplog) -> None:
+    echoscu = tool("echoscu")
+    with caplog.at_level(logging.WARNING, logger="medsight.gateway.listener"):
+        bad = subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", "OTHER-PACS", "127.0.0.1", str(listener.port)],
+                             capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Called AE Title Not Recognized" in bad.stderr
+    assert any("OTHER-PACS" in r.getMessage() and "Called AE title not recognised" in r.getMessage() for r in caplog.records)
+    cfg = ListenerConfig(port=0, data_dir=tmp_path / "any-called", allowed_calling_aets=ALLOWED, require_called_aet=False)
+    with StorageSCP(cfg) as scp:
+        ok = subprocess.run([echoscu, "-aet", "ECHOSCU", "-aec", "OTHER-PACS", "127.0.0.1", str(scp.port)],
+                            capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_listener_binds_loopback_and_requires_an_ae_policy(tmp_path: Path) -> None:
@@ -245,6 +261,7 @@ def test_cli_listen_end_to_end_with_dcmtk(tmp_path: Path, models_dir: Path) -> N
                                     "poll_seconds": 0.2}))
     proc = subprocess.Popen([sys.executable, "-m", "medsight.cli", "dicom", "listen", "--port", str(port), "--calling-aet", "STORESCU",
                              "--data-dir", str(tmp_path / "d"), "--settings", str(settings), "--idle-timeout", "1",
+                             "--acse-timeout", "3", "--max-associations", "4", "--max-per-peer", "2",
                              "--dest", f"PACS@127.0.0.1:{receiver.port}"], stderr=subprocess.PIPE, text=True)
     try:
         def echo_ok():

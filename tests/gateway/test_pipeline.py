@@ -168,6 +168,59 @@ def test_a_study_received_twice_is_queued_once_and_unknown_modality_is_refused(t
         ctx.close()
 
 
+def test_a_late_instance_joins_its_study_which_is_analysed_again(tmp_path: Path, models_dir: Path) -> None:
+    """The sender is slower than the idle timeout: the study's second instance arrives after the study was
+    handed to the service. It is stored, added to the same study record, and the study is analysed again."""
+    from medsight.serve.worklist import worklist
+
+    ctx = service_context(tmp_path, models_dir)
+    cfg = ListenerConfig(port=0, data_dir=tmp_path / "inbox", allowed_calling_aets=("MODALITY",), idle_timeout=0.5)
+    gateway = StorageSCP(cfg, on_study_complete=ServiceStudyCallback(ctx)).start()
+    try:
+        send_study(gateway.port, names=CT_STUDY[:1])
+        wait_for(lambda: len(gateway.completed) == 1, timeout=60)
+        assert run_jobs(ctx) == 1
+        send_study(gateway.port, names=CT_STUDY[1:])  # acknowledged with success, as before
+        wait_for(lambda: len(gateway.completed) == 2, timeout=60)
+        with ctx.db.session() as s:
+            (study,) = s.execute(select(Study)).scalars().all()  # the same record, not a second study
+            assert study.status == "queued"
+            assert {i.sop_instance_uid for i in study.instances} == {read(DATA / n).SOPInstanceUID for n in CT_STUDY}
+        first, second = jobs(ctx, "analyse")
+        assert (first.status, second.status) == ("done", "queued")
+        assert audit_actions(ctx)[-1] == "study.instances_added"
+        assert run_jobs(ctx) == 1
+        assert not list((tmp_path / "inbox" / "instances").rglob("*.dcm"))  # handed off, like the first instance
+    finally:
+        gateway.stop()
+    try:
+        with ctx.db.session() as s:
+            newest = s.execute(select(Result).where(Result.job_id == second.id)).scalars().all()
+            assert sorted(r.instance_id for r in newest) == sorted(i.id for i in s.get(Study, study.id).instances)
+            (row,) = worklist(s, ctx.settings.triage)["items"]
+        assert row["id"] == study.id and row["status"] == "analysed"
+        assert row["critical_probability"] == pytest.approx(max(r.critical_probability for r in newest))
+    finally:
+        ctx.close()
+
+
+def test_late_instances_that_do_not_fit_their_study_are_refused_and_kept(tmp_path: Path, models_dir: Path) -> None:
+    ct = read(DATA / CT_STUDY[0])
+    mr = read(DATA / "MR2_UNCI.dcm")
+    mr.StudyInstanceUID = ct.StudyInstanceUID  # an MR image claiming to belong to the CT study
+    mr.save_as(tmp_path / "mr.dcm")
+    ctx = service_context(tmp_path, models_dir)
+    callback = ServiceStudyCallback(ctx)
+    try:
+        assert callback(ReceivedStudy(str(ct.StudyInstanceUID), [DATA / CT_STUDY[0]], {"PACS"})).handed_off
+        late = callback(ReceivedStudy(str(ct.StudyInstanceUID), [tmp_path / "mr.dcm"], {"PACS"}))
+        assert late.message.startswith("late instances refused") and "MR" in late.message
+        assert not late.handed_off  # the listener keeps its copy
+        assert len(jobs(ctx, "analyse")) == 1 and "study.instances_added" not in audit_actions(ctx)
+    finally:
+        ctx.close()
+
+
 def test_requested_procedure_priority_sets_the_worklist_priority() -> None:
     ds = read(DATA / CT_STUDY[0], stop_before_pixels=True)
     assert requested_priority(ds) == "routine"
