@@ -4,56 +4,52 @@
 >>> model = medsight.load_model("pneumonia-cxr")
 >>> result = model.predict("chest.dcm")
 >>> result.probabilities, result.heatmap, result.statement
+
+The facade only names what the layers define. Every ``medsight.*`` import runs this file
+first (the command line's included), so the names are looked up on first use (PEP 562)
+and ``import medsight`` loads neither torch nor any other heavy library.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING
 
 from medsight._version import __version__
 from medsight.errors import MedSightError
-from medsight.io.image import MedImage
-from medsight.predict.predictor import Predictor
-from medsight.predict.result import Prediction, PredictionError
+
+#: public name -> (module, name there), imported when first asked for
+_LAZY: dict[str, tuple[str, str]] = {
+    "load_model": ("medsight.predict.load", "load_model"),
+    "list_models": ("medsight.models.registry", "zoo_summary"),
+    "read_image": ("medsight.io.readers", "read_image"),
+    "MedImage": ("medsight.io.image", "MedImage"),
+    "Predictor": ("medsight.predict.predictor", "Predictor"),
+    "Prediction": ("medsight.predict.result", "Prediction"),
+    "PredictionError": ("medsight.predict.result", "PredictionError"),
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does it
+    from medsight.io.image import MedImage
+    from medsight.io.readers import read_image
+    from medsight.models.registry import zoo_summary as list_models
+    from medsight.predict.load import load_model
+    from medsight.predict.predictor import Predictor
+    from medsight.predict.result import Prediction, PredictionError
 
 
-def load_model(name_or_path: str | Path, backend: str = "auto") -> Predictor:
-    """A ready-to-use model from the zoo (by name) or from a package directory.
-
-    ``backend`` is torch | onnx | onnx-int8 | auto (see :mod:`medsight.predict`). The
-    default, ``auto``, is the backend recorded in the model's card by ``medsight runtime
-    tune``: the fastest one that met the accuracy rule on the model's test split (torch
-    when nothing is recorded, or when the recorded one cannot be built here). So the
-    library, the CLI, the service and the DICOM gateway all run one inference path;
-    pass ``backend="torch"`` for the eager PyTorch reference.
-    """
-    from medsight.models.registry import load
-    from medsight.predict.backends import make_backend
-
-    package = load(name_or_path)
-    return Predictor(package, backend=make_backend(package, backend))
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'medsight' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
 
-def list_models() -> list[dict]:
-    """The zoo: one dict per model with modality, labels and measured test performance."""
-    from medsight.models.registry import list_cards
-
-    return [
-        {
-            "name": c.name, "version": c.version, "task": c.task, "modality": c.modality,
-            "body_part": c.body_part, "labels": c.labels, "input_size": c.input.size,
-            "test_auc": c.test_metrics.get("auc").value if "auc" in c.test_metrics else None,
-            "test_accuracy": c.test_metrics.get("accuracy").value if "accuracy" in c.test_metrics else None,
-            "description": c.description,
-        }
-        for c in list_cards()
-    ]
-
-
-def read_image(path: str | Path) -> MedImage:
-    from medsight.io.readers import read_image as _read
-
-    return _read(path)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = ["__version__", "load_model", "list_models", "read_image", "MedImage", "Predictor", "Prediction", "PredictionError", "MedSightError"]

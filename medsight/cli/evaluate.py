@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from medsight.errors import MedSightError
@@ -41,6 +40,8 @@ def validate_cmd(
     seed: int = 0,
 ) -> None:
     """Write a self-contained HTML validation report (+ the same numbers as JSON) for a model on labelled data."""
+    from pydantic import ValidationError
+
     from medsight.evaluate.report import ValidationOptions, validate, write_report
 
     try:

@@ -1,19 +1,23 @@
-"""File readers: every supported format becomes a display-ready :class:`MedImage`."""
+"""File readers: every supported format becomes a display-ready :class:`MedImage`.
 
-from medsight.io.dicom import read_dicom, read_dicom_frames
-from medsight.io.image import MedImage
-from medsight.io.nifti import read_nifti
-from medsight.io.raster import read_raster
-from medsight.io.readers import SUPPORTED_SUFFIXES, is_probably_image, read_frames, read_image
+The names below are imported from their submodules on first use (PEP 562), so importing one
+submodule (``medsight.io.image``) does not load pydicom, nibabel and Pillow with it.
+"""
 
-__all__ = [
-    "MedImage",
-    "SUPPORTED_SUFFIXES",
-    "is_probably_image",
-    "read_dicom",
-    "read_dicom_frames",
-    "read_frames",
-    "read_image",
-    "read_nifti",
-    "read_raster",
-]
+from __future__ import annotations
+
+import importlib
+
+#: public name -> submodule of this package that defines it
+_WHERE = {
+    "MedImage": "image", "SUPPORTED_SUFFIXES": "readers", "is_probably_image": "readers", "read_dicom": "dicom",
+    "read_dicom_frames": "dicom", "read_frames": "readers", "read_image": "readers", "read_nifti": "nifti",
+    "read_raster": "raster",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from medsight.errors import DataSetError, ImageReadError
 from medsight.io.image import MedImage
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: predicting images needs no pandas
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
@@ -46,6 +48,12 @@ class ReadFailure:
         return {"source": self.source, "error": self.error}
 
 
+def _empty_frame() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame()
+
+
 @dataclass
 class LabeledDataset:
     """Images with integer labels (``y`` shape (N,)) or multi-hot labels (shape (N, K)).
@@ -57,10 +65,12 @@ class LabeledDataset:
     label_names: list[str]
     images: np.ndarray | list[str]
     y: np.ndarray
-    meta: pd.DataFrame = field(default_factory=pd.DataFrame)
+    meta: pd.DataFrame = field(default_factory=_empty_frame)
     name: str = ""
 
     def __post_init__(self) -> None:
+        import pandas as pd
+
         if len(self.images) != len(self.y):
             raise DataSetError(f"{self.name}: {len(self.images)} images but {len(self.y)} labels")
         if self.meta.empty:
@@ -182,6 +192,8 @@ def _check_image_budget(data: Any, key: str, path: Path) -> None:
 def load_manifest(
     path: str | Path, split: str | None = None, label_names: list[str] | None = None, label_column: str = "label"
 ) -> LabeledDataset:
+    import pandas as pd
+
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype={label_column: str})

@@ -12,10 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsight.errors import EmptyFileError, ImageNotFoundError, NotAnImageError
-from medsight.io.dicom import read_dicom, read_dicom_frames
 from medsight.io.image import MedImage
-from medsight.io.nifti import read_nifti
-from medsight.io.raster import read_raster
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (
     ".dcm", ".dicom", ".dic",
@@ -66,15 +63,22 @@ def read_image(path: str | Path, frame: int | None = None) -> MedImage:
     modalities and some PACS exports write no preamble), then raise
     :class:`~medsight.errors.NotAnImageError`.
     """
+    # each reader is imported when its format is met: a folder of JPEGs never loads pydicom or nibabel
     kind = sniff(path)
-    if kind == "dicom":
-        return read_dicom(path, frame)
     if kind == "raster":
+        from medsight.io.raster import read_raster
+
         if frame not in (None, 0):
             raise IndexError(f"{path}: frame {frame} out of range, file has 1 frame")
         return read_raster(path)
     if kind == "nifti":
+        from medsight.io.nifti import read_nifti
+
         return read_nifti(path, frame)
+    from medsight.io.dicom import read_dicom
+
+    if kind == "dicom":
+        return read_dicom(path, frame)
     if Path(path).name.lower().endswith(".gz"):
         raise NotAnImageError(path, "gzip-compressed file that is not .nii.gz")
     try:
@@ -85,6 +89,8 @@ def read_image(path: str | Path, frame: int | None = None) -> MedImage:
 
 def read_frames(path: str | Path) -> list[MedImage]:
     """Every frame of a DICOM file; a one-element list for any other format."""
+    from medsight.io.dicom import read_dicom_frames
+
     kind = sniff(path)
     if kind == "dicom":
         return read_dicom_frames(path)

@@ -1,10 +1,23 @@
-"""Model packages (weights + card), networks, preprocessing and the zoo registry."""
+"""Model packages (weights + card), networks, preprocessing and the zoo registry.
 
-from medsight.models.card import Architecture, Calibration, InputSpec, MetricValue, ModelCard
-from medsight.models.package import ModelPackage, load_package, read_card
-from medsight.models.registry import ZOO_DIR, list_cards, resolve
+The names below are imported from their submodules on first use (PEP 562), so importing one
+submodule (``medsight.models.registry`` to list the zoo) does not load the others with it.
+"""
 
-__all__ = [
-    "Architecture", "Calibration", "InputSpec", "MetricValue", "ModelCard",
-    "ModelPackage", "load_package", "read_card", "ZOO_DIR", "list_cards", "resolve",
-]
+from __future__ import annotations
+
+import importlib
+
+#: public name -> submodule of this package that defines it
+_WHERE = {
+    "Architecture": "card", "Calibration": "card", "InputSpec": "card", "MetricValue": "card", "ModelCard": "card",
+    "ModelPackage": "package", "load_package": "package", "read_card": "package",
+    "ZOO_DIR": "registry", "list_cards": "registry", "resolve": "registry",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -2,6 +2,9 @@
 
 safetensors is used because loading it cannot execute code (unlike pickle), and the
 card pins the weights' sha256 so a swapped or corrupted file is refused before use.
+
+torch, MONAI and safetensors are imported by the functions that touch weights, so reading
+a card (``medsight models``, the registry) stays a JSON + pydantic job.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
 
 from medsight._version import __version__
 from medsight.errors import ModelCardError, ModelIntegrityError
 from medsight.models.card import ModelCard
-from medsight.models.networks import Classifier, build_network
+
+if TYPE_CHECKING:
+    from medsight.models.networks import Classifier
 
 CARD_FILE = "card.json"
 
@@ -43,11 +48,15 @@ class ModelPackage:
     @classmethod
     def new(cls, card: ModelCard) -> "ModelPackage":
         """Untrained network for a card (weights random; used by training)."""
+        from medsight.models.networks import build_network
+
         return cls(card, build_network(card.architecture, card.input.channels, card.num_outputs))
 
     def save(self, directory: str | Path) -> Path:
         """Write weights then card; the card is written last and atomically, so a
         directory with a card always has the matching weights."""
+        from safetensors.torch import save_file
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         weights = d / self.card.weights_file
@@ -85,6 +94,10 @@ def read_card(directory: str | Path) -> ModelCard:
 
 def load_package(directory: str | Path) -> ModelPackage:
     """Load and verify a package directory; refuses weights whose hash differs from the card."""
+    from safetensors.torch import load_file
+
+    from medsight.models.networks import build_network
+
     d = Path(directory)
     card = read_card(d)
     weights = d / card.weights_file
@@ -108,6 +121,8 @@ def load_package(directory: str | Path) -> ModelPackage:
 
 def clone_network(pkg: ModelPackage) -> Classifier:
     """Independent copy of a package's network (fine-tuning must not touch the loaded zoo model)."""
+    from medsight.models.networks import build_network
+
     net = build_network(pkg.card.architecture, pkg.card.input.channels, pkg.card.num_outputs)
     net.load_state_dict({k: v.clone() for k, v in pkg.network.state_dict().items()})
     return net

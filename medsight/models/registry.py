@@ -65,3 +65,18 @@ def resolve(name_or_path: str | Path, search_paths: Iterable[Path] | None = None
 
 def load(name_or_path: str | Path, search_paths: Iterable[Path] | None = None) -> ModelPackage:
     return load_package(resolve(name_or_path, search_paths))
+
+
+def zoo_summary(search_paths: Iterable[Path] | None = None) -> list[dict]:
+    """The zoo: one dict per model with modality, labels and measured test performance
+    (``medsight.list_models``, ``medsight models``): read from the cards alone, no weights loaded."""
+    return [
+        {
+            "name": c.name, "version": c.version, "task": c.task, "modality": c.modality,
+            "body_part": c.body_part, "labels": c.labels, "input_size": c.input.size,
+            "test_auc": c.test_metrics.get("auc").value if "auc" in c.test_metrics else None,
+            "test_accuracy": c.test_metrics.get("accuracy").value if "accuracy" in c.test_metrics else None,
+            "description": c.description,
+        }
+        for c in list_cards(search_paths)
+    ]
