@@ -58,10 +58,12 @@ def _free_port() -> int:
 
 
 def _worker_children(pid: int) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return []
+    kids = []  # children are listed under the thread that forked them (the supervisor's, after a restart)
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
     found = []
     for k in kids:
         try:
