@@ -23,10 +23,15 @@ from pathlib import Path
 from medsight.errors import UnknownModelError, UnsupportedModalityError
 from medsight.models.applicability import RoutingDecision, RoutingRule, StudyAttributes, route
 from medsight.models.card import ModelCard
+from medsight.models.policy import finding_labels
 from medsight.models.registry import default_search_paths, list_cards, resolve
-from medsight.predict.predictor import Predictor
 from medsight.predict.backends import CHOICES
+from medsight.predict.load import load_model
+from medsight.predict.predictor import Predictor
 from medsight.predict.settings import RuntimeSettings
+
+#: ``finding_labels`` is the card's policy (medsight.models.policy), named here too for the API routes
+__all__ = ["ModelCatalog", "card_modalities", "finding_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +40,6 @@ def card_modalities(card: ModelCard) -> set[str]:
     """DICOM modality codes named at the start of a card's ``modality`` field."""
     head = card.modality.strip().split(" ", 1)[0] if card.modality.strip() else ""
     return {m.strip().upper() for m in head.split("/") if m.strip()}
-
-
-def finding_labels(card: ModelCard) -> list[str]:
-    """Labels a reviewer confirms or corrects: the positive class of a binary model, every class otherwise."""
-    if card.task == "binary":
-        return [card.positive_label or card.labels[1]]
-    return list(card.labels)
 
 
 class ModelCatalog:
@@ -118,14 +116,10 @@ class ModelCatalog:
         The ONNX files of a fast backend are built into the cache on first use (seconds, once per
         weights); ``auto`` falls back to torch with a logged warning when they cannot be built.
         """
-        from medsight.models.registry import load
-        from medsight.predict.backends import make_backend
-
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        package = load(resolve(name, self.search_paths))
-        pred = Predictor(package, backend=make_backend(package, self.backend, self.runtime))
+        pred = load_model(resolve(name, self.search_paths), self.backend, self.runtime)
         self._cache[name] = pred
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medsight.integration.delivery import OutputSettings
-from medsight.models.applicability import RoutingRule
 from medsight.io.budget import DEFAULT_MAX_PIXELS, ENV_VAR as MAX_PIXELS_ENV
+from medsight.models.applicability import RoutingRule
 
 #: Modality codes (DICOM (0008,0060)) a radiology department can declare for PNG/JPEG uploads.
 KNOWN_MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "XC", "OT", "PX", "NM", "PT", "XA", "RF")
