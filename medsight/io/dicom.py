@@ -53,11 +53,10 @@ from medsight.io.image import MedImage
 log = logging.getLogger(__name__)
 
 #: Decoder plugin tried first per transfer syntax (pydicom's order otherwise: gdcm, pillow, pylibjpeg).
-#: For JPEG 2000, Pillow's OpenJPEG is multi-threaded through OPJ_NUM_THREADS (below) and decoded
-#: the 1955x1841 pydicom-data radiograph RG1_J2KR in about 0.30 s on 2 cores against GDCM's 0.35-0.41 s,
-#: with less CPU time in all (0.53 s vs 0.62 s; GDCM also threads). It gives the same pixels as GDCM
-#: and pylibjpeg on every JPEG 2000 file of pydicom-data it can read; for any file it cannot, the
-#: other plugins are tried in pydicom's order, so nothing becomes unreadable.
+#: For JPEG 2000, Pillow's OpenJPEG is multi-threaded through OPJ_NUM_THREADS (below) and was the
+#: faster decoder, with less CPU time in all (benchmarks/throughput, docs/performance.md). It gives
+#: the same pixels as GDCM and pylibjpeg on every JPEG 2000 file of pydicom-data it can read; for any
+#: file it cannot, the other plugins are tried in pydicom's order, so nothing becomes unreadable.
 PREFERRED_PLUGIN = {JPEG2000Lossless: "pillow", JPEG2000: "pillow"}
 
 # OpenJPEG (inside Pillow) decodes code-blocks in OPJ_NUM_THREADS threads; it reads the variable at

@@ -24,16 +24,18 @@ ONNX Runtime's profiler (batch 32, 2 threads; docs/performance.md):
   into its output range, ``QLinearAdd``). With only Conv/Gemm quantised every
   activation went uint8 -> float -> uint8 around each ReLU and add.
 * The stem (first convolution, its ReLU and the max pooling) stays fp32. It sees 1 or
-  3 input channels, so its int8 GEMM has K = 25-75 and ran at a few percent of the
-  int8 limit (17-19% of the whole forward pass for 2% of the FLOPs) while ONNX
-  Runtime's fp32 NCHWc convolution does the same work about 4x faster; its output also
-  feeds the OOD statistics, which then stay exact.
+  3 input channels, so its int8 GEMM is tiny (K = 25-75) and ran far below the int8
+  limit, while ONNX Runtime's fp32 NCHWc convolution does the same work faster; its
+  output also feeds the OOD statistics, which then stay exact.
 * QOperator format, not QDQ: with an fp32 stem, ONNX Runtime's QDQ propagation moves
   the first QuantizeLinear above the max pooling and runs it as a uint8 NCHW MaxPool,
   which took a third of the forward pass; the QOperator graph has no such move and
   was the fastest of the four combinations measured.
-* The OOD statistics (mean/std subgraph) are not quantised: quantising it changed
-  the OOD referral flag on up to 74% of a test split (``medsight runtime tune``).
+* The OOD statistics (mean/std subgraph) are not quantised: quantising it changed the
+  OOD referral flag on a large share of a test split (``medsight runtime tune``).
+
+The measurements behind these choices are in docs/performance.md and
+benchmarks/throughput/int8_variants.md.
 """
 
 from __future__ import annotations
