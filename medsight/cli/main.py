@@ -12,14 +12,18 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from medsight.errors import MedSightError
+from medsight.predict.settings import prefer_sleeping_openmp_threads
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+prefer_sleeping_openmp_threads()  # before any command imports torch (medsight.predict.settings)
 
 app = typer.Typer(help="MedSight: offline medical image classification with calibrated probabilities and heat maps.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -35,6 +39,8 @@ def _fail(e: Exception, code: int = 2) -> None:
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True, disable=not err.is_terminal)
 
@@ -52,12 +58,14 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 @app.command("models")
 def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="JSON list on stdout")] = False) -> None:
     """List the model zoo with modality, labels and measured test performance."""
-    from medsight import list_models
+    from medsight.models.registry import zoo_summary  # the cards' JSON only: no weights, no torch
 
-    rows = list_models()
+    rows = zoo_summary()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     t = Table(title="MedSight model zoo")
     for c in ("name", "modality", "task", "labels", "input", "test AUC", "test ACC"):
         t.add_column(c)
@@ -82,11 +90,10 @@ def predict_cmd(
     workers: Annotated[int, typer.Option(min=1, help="--engine ray: actors in the pool, one model copy each")] = 1,
 ) -> None:
     """Classify images; print findings with calibrated probabilities and a confidence statement."""
-    from medsight import load_model
-    from medsight.explain.overlay import save_overlay
+    from medsight.explain.overlay import OverlayWriter
+    from medsight.predict.load import load_model
     from medsight.predict.result import PredictionError
-    from medsight.predict.stream import predict_stream
-    from medsight.predict.settings import RuntimeSettings
+    from medsight.predict.settings import available_cores
 
     if engine != "local":
         from medsight.cli.scale import run_engine_cmd
@@ -104,22 +111,27 @@ def predict_cmd(
     if not files:
         _fail(ValueError("no input images found"))
     rows, failed = [], 0
-    with _progress() as bar:
-        task = bar.add_task("predicting", total=len(files))
-        decode_workers = RuntimeSettings().decode_workers  # decoding overlaps inference (medsight.predict.stream)
-        for i, res in enumerate(predict_stream(predictor, files, explain=heatmap, batch_size=batch_size, workers=decode_workers)):
+
+    def emit(done: list[dict]) -> None:  # rows whose overlay is on disk, in input order
+        for row in done:
             bar.advance(task)
-            if isinstance(res, PredictionError):
-                failed += 1
-                row = res.to_dict()
-            else:
-                hp = None
-                if res.heatmap is not None and res.image is not None:
-                    hp = str(save_overlay(res.image, res.heatmap, out_dir / f"{i:04d}_{Path(str(res.source)).stem}_overlay.png"))
-                row = res.to_dict(heatmap_path=hp)
             rows.append(row)
             if fmt == "json":
                 print(json.dumps(row), flush=True)
+
+    # overlays are written in background threads while the next batches are classified
+    with _progress() as bar, OverlayWriter(available_cores(), max_pending=2 * batch_size) as overlays:
+        task = bar.add_task("predicting", total=len(files))
+        for i, res in enumerate(predictor.stream(files, explain=heatmap, batch_size=batch_size)):  # decoding overlaps inference
+            if isinstance(res, PredictionError):
+                failed += 1
+                emit(overlays.put(res.to_dict()))
+            elif res.heatmap is not None and res.image is not None:
+                path = out_dir / f"{i:04d}_{Path(str(res.source)).stem}_overlay.png"
+                emit(overlays.put(res.to_dict(heatmap_path=str(path)), res.image, res.heatmap, path))
+            else:
+                emit(overlays.put(res.to_dict()))
+        emit(overlays.drain())
     if fmt == "table":
         _print_prediction_table(rows, predictor.card.labels)
     elif fmt == "csv":
@@ -130,6 +142,8 @@ def predict_cmd(
 
 
 def _print_prediction_table(rows: list[dict], labels: list[str]) -> None:
+    from rich.table import Table
+
     t = Table(show_lines=False)
     t.add_column("file")
     t.add_column("finding")
@@ -163,7 +177,7 @@ def explain_cmd(
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="overlay opacity")] = 0.45,
 ) -> None:
     """Write Grad-CAM overlay and raw heat-map PNGs at each image's own resolution."""
-    from medsight import load_model
+    from medsight.predict.load import load_model
     from medsight.explain.overlay import save_heatmap, save_overlay
     from medsight.predict.result import PredictionError
 
@@ -172,7 +186,7 @@ def explain_cmd(
     except MedSightError as e:
         _fail(e)
     failed = 0
-    for i, res in enumerate(predictor.predict_many(list(_expand(paths)), explain=True)):
+    for i, res in enumerate(predictor.stream(list(_expand(paths)), explain=True)):
         if isinstance(res, PredictionError):
             failed += 1
             err.print(f"[red]error:[/red] {res.error}")
@@ -208,6 +222,8 @@ def evaluate_cmd(
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    from rich.table import Table
+
     t = Table(title=f"{result['model']} on {result['data']} (n={result['n']})")
     t.add_column("metric")
     t.add_column("value", justify="right")

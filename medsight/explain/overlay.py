@@ -20,13 +20,18 @@ faster on a 1955 x 1841 radiograph (benchmarks/throughput).
 from __future__ import annotations
 
 import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from medsight.io.image import MedImage
+
+T = TypeVar("T")
 
 #: zlib level of overlay PNGs: level 1, not PIL's default 6, is several times faster on a full-size
 #: radiograph for slightly larger files (measured by benchmarks/throughput, see docs/performance.md)
@@ -99,3 +104,49 @@ def save_heatmap(heatmap: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((heatmap * 255).round().astype(np.uint8)).save(path)
     return path
+
+
+class OverlayWriter(Generic[T]):
+    """Overlay PNGs written in background threads, with the caller's items handed back in order.
+
+    Encoding a PNG (Pillow's row filters and zlib, which run without the GIL) costs several
+    times what classifying the image did, so a batch command hands each overlay to ``workers``
+    threads and goes on. :meth:`put` queues an item (a result row) with the overlay it
+    waits for, if any, and returns the items whose overlays are on disk, in the order they
+    were put; :meth:`drain` waits for the rest. At most ``max_pending`` overlays (each holding
+    its image and heat map) wait at once. A failed write raises from :meth:`put`/:meth:`drain`.
+    """
+
+    def __init__(self, workers: int = 1, max_pending: int = 32, alpha: float = 0.45):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="medsight-overlay")
+        self._pending: deque[tuple[T, Future | None]] = deque()
+        self._max_pending, self._alpha = max_pending, alpha
+
+    def put(self, item: T, image: MedImage | None = None, heatmap: np.ndarray | None = None,
+            path: str | Path | None = None) -> list[T]:
+        """Queue ``item``, after ``image``'s overlay is written to ``path`` when one is given."""
+        job = None if image is None else self._pool.submit(save_overlay, image, heatmap, path, self._alpha)
+        self._pending.append((item, job))
+        return self._ready(keep=self._max_pending)
+
+    def drain(self) -> list[T]:
+        return self._ready(keep=0)
+
+    def _ready(self, keep: int) -> list[T]:
+        """The leading items whose overlays are written, waiting while more than ``keep`` are pending."""
+        out: list[T] = []
+        while self._pending:
+            item, job = self._pending[0]
+            if job is not None:
+                if not job.done() and len(self._pending) <= keep:
+                    break
+                job.result()
+            out.append(item)
+            self._pending.popleft()
+        return out
+
+    def __enter__(self) -> "OverlayWriter[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)

@@ -8,6 +8,7 @@ no other module resizes or normalises pixels for a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -32,15 +33,20 @@ def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot map {c} channels to {channels}")
 
 
+@lru_cache(maxsize=16)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+
 def to_tensor(image: MedImage, spec: InputSpec) -> torch.Tensor:
     """One image -> (C, size, size) float tensor, normalised as the card says."""
     px = match_channels(image.pixels, spec.channels)
-    t = torch.from_numpy(np.ascontiguousarray(px.transpose(2, 0, 1)))[None]
+    # a (C, H, W) view, not a copy: the resampling reads any strides and writes a new tensor
+    t = torch.from_numpy(px).permute(2, 0, 1)[None]
     if t.shape[-2:] != (spec.size, spec.size):
         # Antialiased bilinear resampling: downsizing a 2k radiograph without it aliases fine texture.
         t = F.interpolate(t, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean, std = _normalisation(tuple(spec.mean), tuple(spec.std))
     return ((t.clamp(0.0, 1.0) - mean) / std)[0]
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import load_file
-from sklearn.neighbors import NearestNeighbors
 
 from medsight.errors import ModelCardError, ModelIntegrityError
 from medsight.io.image import MedImage
@@ -84,7 +83,7 @@ class LayerScorer:
     precision: np.ndarray  # (D, D)
     bank: np.ndarray  # (M, D), unit-normalised training vectors
     k: int
-    _nn: NearestNeighbors | None = field(default=None, repr=False)
+    _bank64: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (bank, its squared norms) in float64
 
     def mahalanobis(self, feats: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class mean."""
@@ -92,10 +91,23 @@ class LayerScorer:
         return np.einsum("nkd,de,nke->nk", d, self.precision, d).min(axis=1)
 
     def knn(self, feats: np.ndarray) -> np.ndarray:
-        """Euclidean distance between unit vectors (a monotone function of cosine) to the k-th nearest bank vector."""
-        if self._nn is None:
-            self._nn = NearestNeighbors(n_neighbors=self.k).fit(self.bank)
-        return self._nn.kneighbors(unit_rows(np.asarray(feats, dtype=np.float64)))[0][:, -1]
+        """Euclidean distance between unit vectors (a monotone function of cosine) to the k-th nearest bank vector.
+
+        The arithmetic of scikit-learn's brute-force ``NearestNeighbors(n_neighbors=k).kneighbors``
+        (float64 ``|x|^2 - 2 x.b + |b|^2`` clipped at 0, square root of the k-th smallest), equal to
+        it to the bit (tests/predict/test_ood_knn.py), without its per-call validation and float64
+        copy of the whole bank, which cost more than the distances for a batch of a few images.
+        """
+        if self._bank64 is None:
+            bank = np.asarray(self.bank, dtype=np.float64)
+            self._bank64 = bank, np.einsum("ij,ij->i", bank, bank)[None, :]
+        bank, bank_sq = self._bank64
+        x = unit_rows(np.asarray(feats, dtype=np.float64))
+        d2 = -2 * (x @ bank.T)
+        d2 += np.einsum("ij,ij->i", x, x)[:, None]
+        d2 += bank_sq
+        np.maximum(d2, 0, out=d2)
+        return np.sqrt(np.partition(d2, self.k - 1, axis=1)[:, self.k - 1])
 
     def raw(self, feats: np.ndarray) -> np.ndarray:
         """(N, 2): the two raw scores, in SCORERS order."""

@@ -68,7 +68,8 @@ class Predictor:
         detector also scores image-level statistics); None without a detector."""
         if self.ood is None:
             return None
-        return self.ood.score_statistics(self.ood.inputs(out.statistics, images))
+        with self.settings.blas_limit():  # small matrix products: see medsight.predict.settings
+            return self.ood.score_statistics(self.ood.inputs(out.statistics, images))
 
     def dataset_probs(self, ds: LabeledDataset, batch_size: int = 256,
                       failures: list[ReadFailure] | None = None) -> tuple[np.ndarray, np.ndarray]:
