@@ -49,7 +49,7 @@ def display_png(image: MedImage) -> bytes:
     return buf.getvalue()
 
 
-def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: list) -> tuple[dict[str, list[str]], str | None]:
+def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: list, card=None) -> tuple[dict[str, list[str]], str | None]:  # noqa: ANN001
     """Build the configured result objects (SR/SC, FHIR, HL7) once and store them; channel -> blob hashes.
 
     Built here, from the very predictions just stored, so a delivery retry
@@ -65,7 +65,8 @@ def _build_outgoing(ctx: ServiceContext, study: dict, paths: list[Path], preds: 
     from medsight.integration.results import AnalysedImage
 
     try:
-        images = [AnalysedImage(p, source_header(path) if dicom_source else stand_in_header(study))
+        # the card puts the model's intended use and applicable ages into the SR and the FHIR report
+        images = [AnalysedImage(p, source_header(path) if dicom_source else stand_in_header(study), card)
                   for path, p in zip(paths, preds)]
         return {c: [ctx.store.put_bytes(b) for b in build_payloads(images, c, outputs)] for c in channels}, None
     except Exception as e:  # noqa: BLE001 - any builder failure is reported, the analysis stands
@@ -114,7 +115,7 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
     if errors:
         raise AnalysisFailed("; ".join(f"{e.kind}: {e.error}" for e in errors))
 
-    outgoing, export_error = _build_outgoing(ctx, facts, paths, preds)
+    outgoing, export_error = _build_outgoing(ctx, facts, paths, preds, card)
     stored = []
     with tempfile.TemporaryDirectory(dir=ctx.store.tmp_dir) as tmp:
         for (inst_id, _), pred in zip(instances, preds):
