@@ -20,13 +20,13 @@ from sqlalchemy import select
 
 from medsight.explain.overlay import save_heatmap, save_overlay
 from medsight.io.image import MedImage
-from medsight.models.policy import critical_probability, finding_labels, is_critical
+from medsight.models.policy import critical_probability, finding_labels, is_critical, reported_finding
 from medsight.predict.result import Prediction, PredictionError
 from medsight.serve.audit import Actor, record
 from medsight.serve.context import ServiceContext
 from medsight.serve.db import Instance, Result, Study, utcnow
 from medsight.serve.jobs import Lease
-from medsight.serve.triage import base_score
+from medsight.serve.triage import base_score, most_urgent
 
 
 log = logging.getLogger("medsight.serve.analysis")
@@ -92,6 +92,12 @@ def stand_in_header(study: dict):  # noqa: ANN202 - pydicom Dataset
     return ds
 
 
+def reports_critical(card, pred: Prediction) -> bool:  # noqa: ANN001 - ModelCard
+    """Whether the result *reports* a critical finding: a referred image reports none, whatever its label says,
+    so it is never flagged critical nor announced by the critical-finding webhook (the refer weight ranks it)."""
+    return not pred.refer and is_critical(card, pred.label, pred.probabilities)
+
+
 def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
     """Run the study's model on each instance, store results, complete the job. Raises LeaseLost / AnalysisFailed."""
     with ctx.db.session() as s:
@@ -140,21 +146,22 @@ def analyse_study(ctx: ServiceContext, lease: Lease) -> Study:
                 study_id=study.id, instance_id=inst_id, job_id=lease.job_id, model=pred.model, label=pred.label,
                 labels=list(card.labels), task=card.task, findings=finding_labels(card),
                 probabilities=pred.probabilities, confidence=pred.confidence, refer=pred.refer, statement=pred.statement,
-                critical_probability=pc, critical=is_critical(card, pred.label, pred.probabilities), heatmap_label=pred.heatmap_label,
+                critical_probability=pc, critical=reports_critical(card, pred), heatmap_label=pred.heatmap_label,
                 display_sha256=disp, overlay_sha256=over, heatmap_sha256=heat, created_by=lease.owner,
             )
             s.add(r)
             results.append(r)
         s.flush()
-        key = max(results, key=lambda r: (r.critical_probability, r.refer))
+        key = most_urgent(results)
         study.status, study.analysed_at, study.error = "analysed", utcnow(), None
         study.critical_probability = key.critical_probability
         study.refer = any(r.refer for r in results)
         study.critical = any(r.critical for r in results)
-        study.finding = key.label
+        study.finding = reported_finding(key.label, key.refer)  # a referred key image names no finding
         study.priority_base = base_score(w, study.requested_priority, study.critical_probability, study.refer)
         record(s, Actor(f"worker:{lease.owner}", "worker"), "result.create", "study", study.id,
-               results=[r.id for r in results], model=key.model, finding=key.label, critical=study.critical,
+               results=[r.id for r in results], model=key.model, finding=study.finding, refer=study.refer,
+               critical=study.critical,
                job=lease.job_id, attempt=lease.attempt)
         outputs = ctx.settings.outputs
         for channel, shas in outgoing.items():

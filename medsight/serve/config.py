@@ -104,6 +104,9 @@ class ServiceSettings(BaseModel):
     webhook: WebhookSettings = WebhookSettings()
     #: Results out: SR + overlays to a PACS, FHIR DiagnosticReport, HL7 ORU (durable ``deliver`` jobs).
     outputs: OutputSettings = OutputSettings()
+    #: A study no model applies to gets a "not analysed" SR on the DICOM channel (no finding in it), so the
+    #: PACS shows why no AI result will come; False: such a study is only on the worklist (docs/pacs-integration.md).
+    not_analysed_notice: bool = True
     #: De-identify every DICOM file on arrival (web upload and DICOM listener) with this site key
     #: (PS3.15 Basic Profile + options, :mod:`medsight.integration.deid`). Results sent back then carry
     #: the de-identified UIDs, so a PACS holding the originals will not file them in its study.

@@ -30,7 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "radiologist", "technologist", "auditor")
-STUDY_STATUSES = ("queued", "analysing", "analysed", "failed", "reviewed")
+#: "not_analysed": stored and on the worklist, but no model applies to it (``not_analysed_reason`` says why; no job)
+STUDY_STATUSES = ("queued", "analysing", "analysed", "not_analysed", "failed", "reviewed")
 JOB_STATUSES = ("queued", "running", "done", "failed")
 
 
@@ -91,6 +92,8 @@ class Study(Base):
     finding: Mapped[str | None] = mapped_column(String(64))
     priority_base: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text)
+    #: routing's "not analysed: no model applies (SHOULDER MR): ..." where no model was run on the study
+    not_analysed_reason: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[list["Instance"]] = relationship(back_populates="study", order_by="Instance.id")
     __table_args__ = (Index("ix_studies_status_priority", "status", "priority_base"), Index("ix_studies_modality", "modality"))
 
@@ -180,7 +183,7 @@ class Review(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     label: Mapped[str] = mapped_column(String(64))
-    action: Mapped[str] = mapped_column(String(10), doc="confirm | correct")
+    action: Mapped[str] = mapped_column(String(10), doc="confirm | correct | exclude (the image is not for this model)")
     note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     findings: Mapped[list["ReviewFinding"]] = relationship(order_by="ReviewFinding.id")

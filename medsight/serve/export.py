@@ -9,7 +9,9 @@ from modalities that burn in annotations only after checking. ``--originals``
 copies the stored files instead, for sites that de-identify elsewhere.
 
 The label of each case is the reviewer's, from the most recent review of that
-result; one export holds one model's cases (label sets differ between models).
+result; one export holds one model's cases (label sets differ between models). A case whose latest
+review excludes it ("not applicable", "wrong body part", "poor quality") is left out: it is no example
+of any of the model's labels.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def export_reviews(ctx: ServiceContext, out_dir: Path, actor: Actor, model: str 
             model = names[0]
         if model not in names:
             raise DataSetError(f"no reviewed cases for model {model!r}; reviewed models: {', '.join(names)}")
-        rows = []
+        rows, excluded = [], 0
         for rev, res in reviewed:
             if res.model.split("@", 1)[0] != model:
+                continue
+            if rev.action == "exclude":  # not applicable, wrong body part, poor quality: no example of any label
+                excluded += 1
                 continue
             inst = s.get(Instance, res.instance_id)
             study = inst.study
@@ -98,5 +103,5 @@ def export_reviews(ctx: ServiceContext, out_dir: Path, actor: Actor, model: str 
         counts[r["label"]] = counts.get(r["label"], 0) + 1
     with ctx.db.session() as s:
         record(s, actor, "review.export", "dataset", str(out_dir), model=model, cases=len(rows), labels=counts,
-               originals=originals)
+               originals=originals, excluded=excluded)
     return ExportSummary(out_dir, manifest, len(rows), model, counts)

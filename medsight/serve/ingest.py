@@ -11,6 +11,10 @@ Order of operations is what makes "nothing stored half-way" true:
 4. only then copy the files into content-addressed storage (atomic writes), and
 5. insert study + instances + job + audit event in ONE transaction.
 
+A study no installed model applies to (routing's decision, docs/routing.md) is stored all the same,
+with status ``not_analysed`` and the reason, audited as ``study.not_analysed`` and given no analysis
+job: it reaches the worklist to be read without AI instead of being lost at the door.
+
 A failure in 1-3 leaves nothing behind; a failure in 4-5 leaves at most
 unreferenced blobs, never a row pointing at a missing or partial file.
 """
@@ -28,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from medsight.errors import (
     DuplicateStudyError,
@@ -273,8 +278,13 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
             files = deidentify_on_arrival(files, work, s_cfg.deid_key_file)
         checked = [check_file(name, path) for name, path in files]
         study_uid, modality, fmt = plan_study(checked, req.modality)
-        card = ctx.catalog.choose(modality, req.model, [c.meta["routing"] for c in checked if "routing" in c.meta],
-                                  override=req.override_applicability)
+        try:
+            card = ctx.catalog.choose(modality, req.model, [c.meta["routing"] for c in checked if "routing" in c.meta],
+                                      override=req.override_applicability)
+        except UnsupportedModalityError as e:
+            if e.decision is None:  # no routing decision (e.g. an unknown modality code): the upload is wrong
+                raise
+            card, not_analysed = None, str(e)
         with ctx.db.session() as s:
             existing = s.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one_or_none()
         if existing is not None:
@@ -285,8 +295,9 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
         try:
             with ctx.db.session() as s:
                 study = Study(
-                    study_uid=study_uid, modality=modality, model=card.name, requested_priority=priority,
-                    source_format=fmt, status="queued", uploaded_by=actor.user_id, received_at=now,
+                    study_uid=study_uid, modality=modality, model=card.name if card else "",
+                    requested_priority=priority, source_format=fmt, status="queued" if card else "not_analysed",
+                    not_analysed_reason=None if card else not_analysed, uploaded_by=actor.user_id, received_at=now,
                     received_epoch=_epoch(now),
                     accession_number=(req.accession_number or first.get("accession_number") or None),
                     description=(req.description or first.get("study_description") or None),
@@ -300,16 +311,42 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
                         continue
                     seen.add(sha)
                     s.add(_instance_row(study.id, c, sha))
-                ctx.queue.enqueue(s, "analyse", study.id, {}, priority=JOB_PRIORITY[priority],
-                                  max_attempts=s_cfg.max_attempts)
                 record(s, actor, "study.create", "study", study.id, study_uid=study_uid, modality=modality,
-                       model=card.name, files=len(seen), priority=priority,
+                       model=card.name if card else None, files=len(seen), priority=priority,
                        **({"applicability_override": True} if req.override_applicability else {}))
+                if card is None:
+                    record_not_analysed(ctx, s, study, actor, [c.path for c in checked if c.format == "dicom"])
+                else:
+                    ctx.queue.enqueue(s, "analyse", study.id, {}, priority=JOB_PRIORITY[priority],
+                                      max_attempts=s_cfg.max_attempts)
         except IntegrityError:
             raise DuplicateStudyError(study_uid, None) from None
         return study
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record_not_analysed(ctx: ServiceContext, s: Session, study: Study, actor: Actor, sources: list[Path]) -> None:
+    """A stored study no model applies to: audited with the reasons, no analysis job, and, where the site sends
+    results to a PACS and wants the notice (``not_analysed_notice``), a "not analysed" SR saying why no AI
+    result will come (it holds no finding: :func:`medsight.integration.sr.build_not_analysed_sr`)."""
+    record(s, actor, "study.not_analysed", "study", study.id, study_uid=study.study_uid, modality=study.modality,
+           reason=study.not_analysed_reason)
+    outputs = ctx.settings.outputs
+    if not (ctx.settings.not_analysed_notice and sources and "dicom" in outputs.channels(True)):
+        return
+    from medsight.integration.files import encode_part10
+    from medsight.integration.sr import build_not_analysed_sr
+
+    try:
+        sr = build_not_analysed_sr([dcmread(p, stop_before_pixels=True) for p in sources], study.not_analysed_reason or "",
+                                   institution_name=outputs.institution_name)
+        blob = ctx.store.put_bytes(encode_part10(sr))
+    except Exception as e:  # noqa: BLE001 - the study is stored and on the worklist whether or not the notice is built
+        record(s, actor, "deliver.build_failed", "study", study.id, error=f"{type(e).__name__}: {e}"[:500])
+        return
+    ctx.queue.enqueue(s, "deliver", study.id, {"channel": "dicom", "blobs": [blob], "not_analysed": True},
+                      priority=40, max_attempts=outputs.max_attempts)
 
 
 def _instance_row(study_id: int, c: _Checked, sha: str) -> Instance:
@@ -361,7 +398,8 @@ def add_instances(ctx: ServiceContext, paths: list[Path], actor: Actor | None = 
                 raise UploadError(f"the study is {study.modality}, the new instances are {modality}")
             study_id, priority = study.id, study.requested_priority
             known = {(i.sop_instance_uid, i.file_sha256) for i in study.instances}
-        ctx.catalog.choose(modality, study.model, [c.meta["routing"] for c in checked if "routing" in c.meta])
+        if study.model:  # a study no model applies to keeps its late instances, not analysed like the rest
+            ctx.catalog.choose(modality, study.model, [c.meta["routing"] for c in checked if "routing" in c.meta])
         sops, shas = {sop for sop, _ in known}, {sha for _, sha in known}
         new = [c for c in checked if not (c.meta.get("sop_instance_uid") and c.meta.get("sop_instance_uid") in sops)]
         added = []
@@ -377,12 +415,14 @@ def add_instances(ctx: ServiceContext, paths: list[Path], actor: Actor | None = 
                 row = s.get(Study, study_id)
                 for c, sha in added:
                     s.add(_instance_row(row.id, c, sha))
-                # always a new job: one already queued may be claimed before this transaction commits
-                job = ctx.queue.enqueue(s, "analyse", row.id, {"reason": "late instances"}, priority=JOB_PRIORITY[priority],
-                                        max_attempts=ctx.settings.max_attempts)
-                row.status, row.error = "queued", None  # back on the open worklist until analysed again
+                job = None
+                if row.model:
+                    # always a new job: one already queued may be claimed before this transaction commits
+                    job = ctx.queue.enqueue(s, "analyse", row.id, {"reason": "late instances"},
+                                            priority=JOB_PRIORITY[priority], max_attempts=ctx.settings.max_attempts)
+                    row.status, row.error = "queued", None  # back on the open worklist until analysed again
                 record(s, actor, "study.instances_added", "study", row.id, study_uid=study_uid, files=len(added),
-                       instances=len(known) + len(added), job=job.id)
+                       instances=len(known) + len(added), job=job.id if job else None)
         except IntegrityError:  # another process added the same files meanwhile
             return study, 0
         return row, len(added)

@@ -51,6 +51,8 @@ def queue_reviewed_report(ctx: ServiceContext, session: Session, review: Review,
     """Queue the verified report of ``review`` on each configured channel (every channel has one); the delivery jobs."""
     outputs = ctx.settings.outputs
     study = session.get(Study, review.study_id)
+    if review.action == "exclude":  # "not applicable / wrong body part / poor quality" is no verified finding to send
+        return []
     channels = outputs.channels(study.source_format == "dicom") if study else []
     if not channels:
         return []

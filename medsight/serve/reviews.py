@@ -14,22 +14,38 @@ from datetime import datetime
 from typing import Any
 
 from scipy.stats import binomtest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from medsight.errors import MedSightError
 from medsight.serve.audit import Actor, record
 from medsight.serve.db import Result, Review, ReviewFinding, Study
+from medsight.serve.triage import most_urgent
+
+
+#: What a reader may answer instead of one of the model's labels: the image is not for this model. Such a
+#: review (action "exclude") holds no per-finding verdict, so it never counts in agreement and never becomes
+#: training data for a label (medsight.serve.export skips it).
+EXCLUSIONS = ("not applicable", "wrong body part", "poor quality")
 
 
 class ReviewError(MedSightError):
     """A review that does not fit the result it is about (unknown label, missing finding...)."""
 
 
+def latest_results(session: Session, study_id: int) -> list[Result]:
+    """The results of the study's latest analysis: a late instance analyses the whole study again, and the
+    earlier analysis's results (kept for the record and their reviews) no longer describe the study."""
+    last = session.execute(select(func.max(Result.job_id)).where(Result.study_id == study_id)).scalar_one_or_none()
+    if last is None:
+        return []
+    return list(session.execute(select(Result).where(Result.study_id == study_id, Result.job_id == last)
+                                .order_by(Result.id)).scalars())
+
+
 def key_result(session: Session, study_id: int) -> Result | None:
-    """The study's most urgent image: the one the worklist ranked it by."""
-    rows = session.execute(select(Result).where(Result.study_id == study_id).order_by(Result.id)).scalars().all()
-    return max(rows, key=lambda r: (r.critical_probability, r.refer), default=None)
+    """The study's most urgent image of its latest analysis: the one the worklist ranked it by."""
+    return most_urgent(latest_results(session, study_id))
 
 
 def model_calls(result: Result) -> dict[str, bool]:
@@ -74,15 +90,19 @@ def create_review(session: Session, study_id: int, reviewer: Actor, label: str |
     result = session.get(Result, result_id) if result_id is not None else key_result(session, study_id)
     if result is None or result.study_id != study_id:
         raise ReviewError(f"study {study_id} has no analysed result" + (f" {result_id}" if result_id else "") + " to review")
-    rev_label, rev_calls = reviewer_calls(result, label, findings)
-    mod_calls = model_calls(result)
-    actions = {f: "confirm" if rev_calls[f] == mod_calls[f] else "correct" for f in result.findings}
+    if label in EXCLUSIONS:
+        rev_label, rev_calls, mod_calls, actions = label, {}, {}, {}
+        verdict = "exclude"
+    else:
+        rev_label, rev_calls = reviewer_calls(result, label, findings)
+        mod_calls = model_calls(result)
+        actions = {f: "confirm" if rev_calls[f] == mod_calls[f] else "correct" for f in result.findings}
+        verdict = "confirm" if all(a == "confirm" for a in actions.values()) else "correct"
     review = Review(study_id=study_id, result_id=result.id, reviewer_id=reviewer.user_id, label=rev_label,
-                    action="confirm" if all(a == "confirm" for a in actions.values()) else "correct",
-                    note=note.strip()[:10000])
+                    action=verdict, note=note.strip()[:10000])
     session.add(review)
     session.flush()
-    for f in result.findings:
+    for f in actions:
         session.add(ReviewFinding(review_id=review.id, finding=f, model_present=mod_calls[f],
                                   reviewer_present=rev_calls[f], action=actions[f]))
     study.status = "reviewed"

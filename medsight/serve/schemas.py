@@ -121,8 +121,9 @@ class StudyRow(BaseModel):
     modality: str
     model: str
     requested_priority: str
-    status: str
-    finding: str | None
+    status: str = Field(description="queued | analysing | analysed | not_analysed | failed | reviewed")
+    finding: str | None = Field(description="the reported finding; null when the model refers the study to a human, "
+                                            "reports no finding, or no model applies (not_analysed)")
     critical_probability: float | None
     critical: bool
     refer: bool
@@ -131,6 +132,7 @@ class StudyRow(BaseModel):
     score: float = Field(description="triage priority score (higher: more urgent)")
     urgency: str = Field(description="high | medium | low")
     error: str | None
+    not_analysed_reason: str | None = Field(description='why no model was run, e.g. "not analysed: no model applies (SHOULDER MR): ..."')
 
 
 class WorklistFilters(BaseModel):
@@ -166,7 +168,8 @@ class Result(BaseModel):
     task: str
     labels: list[str]
     findings: list[str]
-    label: str
+    label: str = Field(description="the model's decided class, kept for the record; not a finding unless reported_finding names it")
+    reported_finding: str | None = Field(description="what the result states; null when referred or no finding")
     probabilities: dict[str, float]
     confidence: float
     refer: bool
@@ -201,7 +204,7 @@ class Review(BaseModel):
     reviewer: str
     reviewer_name: str
     label: str
-    action: str = Field(description="confirm | correct")
+    action: str = Field(description="confirm | correct | exclude (not applicable, wrong body part, poor quality)")
     note: str
     created_at: str
     findings: list[ReviewFinding]

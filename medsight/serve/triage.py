@@ -7,7 +7,13 @@
 
 ``P(critical)`` is the calibrated probability that the study shows one of the
 card's ``critical_findings`` (:func:`medsight.models.policy.critical_probability`,
-the card's policy). A study with several images takes its most urgent image. Everything but waiting time is fixed when
+the card's policy). A study with several images takes its most urgent image.
+
+A referred image reports no finding (:func:`medsight.models.policy.reported_finding`):
+it is never flagged ``critical`` (no bold label, no critical-finding webhook) and the
+worklist shows no label for it. Its P(critical) still counts in the score, with the
+refer weight on top: the model's uncertainty may only move a study up, towards a
+human, never below where a confident result with the same probability would be. Everything but waiting time is fixed when
 analysis finishes and stored as ``priority_base``; waiting time is added in SQL
 at query time, so the order is always current. Weights live in
 :class:`~medsight.serve.config.TriageWeights`.
@@ -25,6 +31,11 @@ def base_score(w: TriageWeights, requested: str, p_critical: float | None, refer
     """The time-independent part of the score."""
     return (w.critical * (p_critical or 0.0) + w.requested.get(requested.lower(), 0.0)
             + (w.refer if refer else 0.0))
+
+
+def most_urgent(results):  # noqa: ANN001, ANN201 - results of one analysis (db.Result rows)
+    """The image a study is ranked and reviewed by: the highest P(critical), a referred one on a tie."""
+    return max(results, key=lambda r: (r.critical_probability, r.refer), default=None)
 
 
 def waiting_term(w: TriageWeights, received_epoch: float, now_epoch: float) -> float:

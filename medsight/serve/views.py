@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from medsight.serve.config import TriageWeights
 from medsight.serve.db import AuditEvent, Job, Result, Review, Study, User
-from medsight.serve.reviews import key_result, review_dict
+from medsight.models.policy import reported_finding
+from medsight.serve.reviews import key_result, latest_results, review_dict
 from medsight.serve.triage import score, urgency
 from medsight.serve.worklist import study_row
 
@@ -20,7 +21,8 @@ from medsight.serve.worklist import study_row
 def result_dict(r: Result) -> dict[str, Any]:
     return {
         "id": r.id, "instance_id": r.instance_id, "model": r.model, "task": r.task, "labels": r.labels,
-        "findings": r.findings, "label": r.label, "probabilities": r.probabilities, "confidence": r.confidence,
+        "findings": r.findings, "label": r.label, "reported_finding": reported_finding(r.label, r.refer),
+        "probabilities": r.probabilities, "confidence": r.confidence,
         "refer": r.refer, "statement": r.statement, "critical_probability": r.critical_probability,
         "critical": r.critical, "heatmap_label": r.heatmap_label, "created_at": r.created_at.isoformat() + "Z",
         "image_url": f"/api/results/{r.id}/image.png",
@@ -39,8 +41,7 @@ def study_detail(s: Session, st: Study, w: TriageWeights, include_reviews: bool 
         "sop_instance_uid": i.sop_instance_uid, "patient_sex": i.patient_sex, "patient_age": i.patient_age,
         "image_url": f"/api/instances/{i.id}/image.png",
     } for i in st.instances]
-    results = s.execute(select(Result).where(Result.study_id == st.id).order_by(Result.id)).scalars().all()
-    out["results"] = [result_dict(r) for r in results]
+    out["results"] = [result_dict(r) for r in latest_results(s, st.id)]  # a re-analysis supersedes the earlier one
     key = key_result(s, st.id)
     out["key_result_id"] = key.id if key else None
     job = s.execute(select(Job).where(Job.study_id == st.id, Job.kind == "analyse").order_by(Job.id.desc()).limit(1)).scalar_one_or_none()

@@ -15,7 +15,8 @@ from medsight.serve.config import TriageWeights
 from medsight.serve.db import STUDY_STATUSES, Study
 from medsight.serve.triage import score_sql, urgency
 
-OPEN_STATUSES = ("queued", "analysing", "analysed", "failed")
+#: not yet reviewed; a study no model applies to is open too: it still waits for a human reader
+OPEN_STATUSES = ("queued", "analysing", "analysed", "not_analysed", "failed")
 
 
 class WorklistError(MedSightError, ValueError):
@@ -39,11 +40,13 @@ def study_row(st: Study, score: float, w: TriageWeights, now_epoch: float) -> di
     return {
         "id": st.id, "study_uid": st.study_uid, "accession_number": st.accession_number,
         "description": st.description, "modality": st.modality, "model": st.model,
-        "requested_priority": st.requested_priority, "status": st.status, "finding": st.finding,
+        "requested_priority": st.requested_priority, "status": st.status,
+        "finding": None if st.status == "not_analysed" else st.finding,  # the reported finding only (None: referred)
         "critical_probability": st.critical_probability, "critical": st.critical, "refer": st.refer,
         "received_at": st.received_at.replace(tzinfo=timezone.utc).isoformat(),
         "waiting_minutes": round(max(now_epoch - st.received_epoch, 0.0) / 60.0, 1),
         "score": round(float(score), 4), "urgency": urgency(w, float(score)), "error": st.error,
+        "not_analysed_reason": st.not_analysed_reason,
     }
 
 

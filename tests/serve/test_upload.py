@@ -79,13 +79,18 @@ def test_png_needs_a_declared_modality_and_a_model_for_it(svc, shape_pngs) -> No
     before = counts(svc)
     r = svc.upload([("a.png", shape_pngs["disc"][0])])
     assert r.status_code == 422 and "declare" in r.json()["detail"]
-    r = svc.upload([("a.png", shape_pngs["disc"][0])], modality="US")
-    assert r.status_code == 422 and r.json()["error"] == "UnsupportedModalityError"
     r = svc.upload([("a.png", shape_pngs["disc"][0])], modality="CR", model="no-such-model")
     assert r.status_code == 404 and r.json()["available"] == ["tiny-xr"]
     assert counts(svc) == before
     r = svc.upload([("a.png", shape_pngs["disc"][0])], modality="cr")
     assert r.status_code == 202 and r.json()["modality"] == "CR" and r.json()["instances"][0]["format"] == "png"
+    # No model reads US. This was a 422 refusal; a study no model applies to is now stored, on the worklist as
+    # "not analysed" with the reason, audited, and given no analysis job (issue 18: nothing dropped at the door).
+    r = svc.upload([("b.png", shape_pngs["disc"][1])], modality="US")
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["status"] == "not_analysed" and body["finding"] is None and body["job"] is None
+    assert body["not_analysed_reason"].startswith("not analysed: no model applies") and "US" in body["not_analysed_reason"]
 
 
 @pytest.mark.parametrize("case", ["corrupt", "no_pixels", "truncated_zip", "mixed_studies", "text_as_png", "empty"])
