@@ -108,6 +108,7 @@ def listen_cmd(
     from medsight.gateway.pipeline import ServiceStudyCallback
     from medsight.cli.serve import load_settings
     from medsight.serve.context import ServiceContext
+    from medsight.serve.shared_outputs import claim_outputs
     from medsight.serve.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -119,6 +120,7 @@ def listen_cmd(
             "dicom_destination": dest, "fhir_url": fhir_url, "hl7_destination": hl7, "calling_aet": aet}.items() if v}
         cfg = cfg.model_validate(cfg.model_dump() | {"outputs": outputs} | ({"deid_key_file": deid_key_file} if deid_key_file else {}))
         ctx = ServiceContext.build(cfg)
+        release = claim_outputs(cfg, "listener")  # refused when 'medsight serve' here sends results elsewhere
         deid = None
         if cfg.deid_key_file is not None:
             from medsight.integration.deid import DeidConfig, load_key
@@ -152,6 +154,7 @@ def listen_cmd(
             w.stop()
         for t in threads:
             t.join(timeout=60)
+        release()
         ctx.close()
 
 

@@ -135,6 +135,12 @@ def serve_cmd(
             logins = prepare_demo(ctx)
         except MedSightError as e:
             _fail(e)
+    from medsight.serve.shared_outputs import claim_outputs
+
+    try:  # the listener on this data folder must send results where this service does (reviews' verified SRs)
+        release = claim_outputs(ctx.settings, "service")
+    except MedSightError as e:
+        _fail(e)
     settings_path = ctx.settings.write_json(ctx.settings.data_dir / "settings.json")
     supervisor = _start_workers(ctx, settings_path, workers)
     app = create_app(ctx.settings, ctx=ctx)
@@ -151,6 +157,7 @@ def serve_cmd(
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         supervisor.stop()
+        release()
 
 
 def _start_workers(ctx, settings_path: Path, count: int):  # noqa: ANN001, ANN202 - ServiceContext, WorkerSupervisor
