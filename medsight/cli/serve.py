@@ -154,7 +154,8 @@ def serve_cmd(
     if not demo and not _has_users(ctx):
         out.print("no users yet: create the first admin with  medsight users create --username admin --role admin", highlight=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # proxy_headers off: X-Forwarded-For is read by the app, and only from settings.trusted_proxies
+        uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
     finally:
         supervisor.stop()
         release()
@@ -208,6 +209,35 @@ def prepare_demo(ctx) -> list[tuple[str, str, str]]:  # noqa: ANN001
 users_app = typer.Typer(help="Manage service users.", no_args_is_help=True)
 
 
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get("MEDSIGHT_PASSWORD"):
+        return os.environ["MEDSIGHT_PASSWORD"]
+    if sys.stdin.isatty():
+        return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    _fail(MedSightError("no password: use --password-stdin, set MEDSIGHT_PASSWORD, or run in a terminal"))
+
+
+def _change_user(username: str, data_dir: Path | None, settings: Path | None, change) -> None:  # noqa: ANN001
+    """Run ``change(session, auditor, user_id)`` on the named user as the command-line operator; print the user."""
+    from medsight.serve.audit import Auditor
+    from medsight.serve.auth import find_user
+
+    ctx = _context(data_dir, settings)
+    try:
+        with ctx.db.session() as s:
+            u = find_user(s, username)
+            if u is None:
+                raise MedSightError(f"no user {username!r}")
+            u = change(s, Auditor(s, _cli_actor()), u.id)
+            print(json.dumps({"id": u.id, "username": u.username, "role": u.role, "active": u.active}))
+    except MedSightError as e:
+        _fail(e)
+    finally:
+        ctx.close()
+
+
 @users_app.command("create")
 def users_create(
     username: Annotated[str, typer.Option("--username", "-u")],
@@ -221,14 +251,7 @@ def users_create(
     from medsight.serve.audit import record
     from medsight.serve.auth import create_user
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    elif os.environ.get("MEDSIGHT_PASSWORD"):
-        password = os.environ["MEDSIGHT_PASSWORD"]
-    elif sys.stdin.isatty():
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    else:
-        _fail(MedSightError("no password: use --password-stdin, set MEDSIGHT_PASSWORD, or run in a terminal"))
+    password = _read_password(password_stdin)
     ctx = _context(data_dir, settings)
     try:
         with ctx.db.session() as s:
@@ -253,6 +276,38 @@ def users_list(data_dir: DataDirOpt = None, settings: SettingsOpt = None) -> Non
         for u in s.execute(select(User).order_by(User.username)).scalars():
             print(json.dumps({"id": u.id, "username": u.username, "role": u.role, "active": u.active}))
     ctx.close()
+
+
+@users_app.command("unlock")
+def users_unlock(username: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None,
+                 settings: SettingsOpt = None) -> None:
+    """Lift a login lock (after repeated wrong passwords) now."""
+    from medsight.serve.usecases import unlock_user
+
+    _change_user(username, data_dir, settings, unlock_user)
+
+
+@users_app.command("reactivate")
+def users_reactivate(username: Annotated[str, typer.Argument()], data_dir: DataDirOpt = None,
+                     settings: SettingsOpt = None) -> None:
+    """Make a deactivated user active again (e.g. the only admin, deactivated by another)."""
+    from medsight.serve.usecases import update_user
+
+    _change_user(username, data_dir, settings, lambda s, audit, uid: update_user(s, audit, 0, uid, active=True))
+
+
+@users_app.command("reset-password")
+def users_reset_password(
+    username: Annotated[str, typer.Argument()],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from standard input")] = False,
+    data_dir: DataDirOpt = None,
+    settings: SettingsOpt = None,
+) -> None:
+    """Set a user's password (their sessions end, a login lock is lifted). Password as for create."""
+    from medsight.serve.usecases import reset_password
+
+    password = _read_password(password_stdin)
+    _change_user(username, data_dir, settings, lambda s, audit, uid: reset_password(s, audit, uid, password))
 
 
 # --------------------------------------------------------------------------- audit

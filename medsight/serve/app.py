@@ -31,8 +31,10 @@ from medsight.errors import (
 from medsight.serve import pages
 from medsight.serve.config import ServiceSettings
 from medsight.serve.context import ServiceContext
-from medsight.serve.deps import LoginRequired
+from medsight.serve.auth import LastAdminError
+from medsight.serve.deps import LoginRequired, trusted_networks
 from medsight.serve.routes import ROUTERS
+from medsight.serve.throttle import LoginGuard, RepeatReads
 
 UPLOAD_PATHS = ("/api/studies", "/upload")
 
@@ -48,6 +50,8 @@ def error_response(e: MedSightError) -> JSONResponse:
         return _error(413, e)
     if isinstance(e, DuplicateStudyError):
         return _error(409, e, study_id=e.study_id)
+    if isinstance(e, LastAdminError):
+        return _error(409, e)
     if isinstance(e, UnknownModelError):
         return _error(404, e, available=e.available)
     if isinstance(e, ImageReadError):
@@ -63,6 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LookupError)
     async def _missing(_req: Request, e: LookupError) -> Response:
         return _error(404, e)
+
+    @app.exception_handler(OverflowError)
+    async def _too_large_number(_req: Request, e: OverflowError) -> Response:
+        return _error(404, LookupError(f"no such object (a number out of range: {e})"))  # no row has such an id
 
     @app.exception_handler(LoginRequired)
     async def _login(_req: Request, e: LoginRequired) -> Response:
@@ -105,6 +113,47 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+# --------------------------------------------------------------------------- HTTP hygiene
+#: The pages load only their own script and style sheet; ``style-src-attr`` admits the inline ``style``
+#: attributes that size bars and set the heat map's opacity; no page may be framed (clickjacking).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+       "img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+#: FastAPI's interactive docs load Swagger UI / ReDoc from their CDN with an inline bootstrap script.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "img-src 'self' data: https://fastapi.tiangolo.com; font-src https://fonts.gstatic.com; frame-ancestors 'none'")
+DOCS_PATHS = ("/docs", "/redoc")
+SECURITY_HEADERS = ((b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"), (b"cross-origin-opener-policy", b"same-origin"))
+
+
+class SecurityHeaders:
+    """Security headers on every response, and ``Cache-Control: no-store`` on all but the static files:
+    pages, API answers and patient images must not stay in a shared workstation's browser cache."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        csp = (DOCS_CSP if path.startswith(DOCS_PATHS) else CSP).encode()
+        cacheable = path.startswith("/static/")
+
+        async def send_with_headers(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                headers = [(k, v) for k, v in msg.get("headers", []) if cacheable or k.lower() != b"cache-control"]
+                headers += [*SECURITY_HEADERS, (b"content-security-policy", csp)]
+                if not cacheable:
+                    headers += [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+                msg = {**msg, "headers": headers}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # --------------------------------------------------------------------------- the app
 def create_app(settings: ServiceSettings | None = None, ctx: ServiceContext | None = None) -> FastAPI:
     """A complete service for ``settings`` (default: from ``MEDSIGHT_*`` environment variables)."""
@@ -122,8 +171,12 @@ def create_app(settings: ServiceSettings | None = None, ctx: ServiceContext | No
                               "`x-roles` on each operation lists the roles allowed.")
     app.state.ctx = ctx
     app.state.started = time.time()
+    app.state.login_guard = LoginGuard.from_settings(settings)  # per process: the account lock is on the user row
+    app.state.repeat_reads = RepeatReads(settings.audit_repeat_read_s)
+    app.state.trusted_proxies = trusted_networks(settings.trusted_proxies)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024, paths=UPLOAD_PATHS)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so refusals of the other layers get them too
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(pages.router)

@@ -1,9 +1,12 @@
 """Append-only, hash-chained audit log of who read or changed what, when, from where.
 
 Each event stores ``prev_hash`` (the previous event's hash) and
-``hash = SHA-256(prev_hash || canonical JSON of the event)``. Editing any field of
-any row changes its hash; deleting a row breaks the link of the next one; so
-:func:`verify` finds both. Appends are serialised (SQLite: the ``BEGIN
+``hash = HMAC-SHA256(key, prev_hash || canonical JSON of the event)`` (``scheme``
+"hmac-sha256"; the key is outside the database, :mod:`medsight.serve.audit_key`).
+Editing any field of any row changes its hash; deleting a row breaks the link of the
+next one; recomputing the hashes needs the key; so :func:`verify` finds all three.
+Events written before the key existed keep ``hash = SHA-256(prev_hash || canonical)``
+(``scheme`` NULL) and still verify. Appends are serialised (SQLite: the ``BEGIN
 IMMEDIATE`` write lock; PostgreSQL: a transaction-scoped advisory lock) and
 ``prev_hash`` is unique, so concurrent writers cannot fork the chain.
 
@@ -18,6 +21,7 @@ inside an existing SQL database; the construction is the standard hash chain.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +33,9 @@ from sqlalchemy.orm import Session
 from medsight.serve.db import AuditEvent, utcnow
 
 GENESIS = "0" * 64
+KEYED = "hmac-sha256"
+#: ``Session.info`` entries through which a session's audit appends and checks find the key
+KEY_INFO, UNKEYED_THROUGH_INFO = "audit_key", "audit_unkeyed_through"
 _PG_LOCK_KEY = 0x4D53_4155  # "MSAU": arbitrary constant naming the audit-append lock
 
 
@@ -54,8 +61,9 @@ def canonical(ev: AuditEvent | dict[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
-def chain_hash(prev_hash: str, canonical_row: str) -> str:
-    return hashlib.sha256((prev_hash + canonical_row).encode()).hexdigest()
+def chain_hash(prev_hash: str, canonical_row: str, key: bytes | None = None) -> str:
+    data = (prev_hash + canonical_row).encode()
+    return hashlib.sha256(data).hexdigest() if key is None else hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def record(session: Session, actor: Actor, action: str, object_type: str, object_id: object = None,
@@ -70,7 +78,9 @@ def record(session: Session, actor: Actor, action: str, object_type: str, object
         object_id=None if object_id is None else str(object_id), client_ip=actor.client_ip,
         detail=json.loads(json.dumps(detail, default=str)), prev_hash=prev,
     )
-    ev.hash = chain_hash(prev, canonical(ev))
+    key = session.info.get(KEY_INFO)
+    ev.scheme = KEYED if key else None
+    ev.hash = chain_hash(prev, canonical(ev), key)
     session.add(ev)
     session.flush()
     return ev
@@ -108,14 +118,25 @@ class VerifyReport:
 
 
 def verify(session: Session, expect_head: str | None = None, max_problems: int = 50) -> VerifyReport:
-    """Walk the chain in insertion order; report every edited, deleted or reordered row."""
+    """Walk the chain in insertion order; report every edited, deleted or reordered row.
+
+    With the session's key (``Session.info``), an unkeyed event after ``unkeyed_through`` is reported:
+    a chain rewritten without the key. Without it, keyed events cannot be checked and are reported.
+    """
+    key, unkeyed_through = session.info.get(KEY_INFO), session.info.get(UNKEYED_THROUGH_INFO, 0)
     prev, n, problems = GENESIS, 0, []
     rows = session.execute(select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=1000)).scalars()
     for ev in rows:
         n += 1
         if ev.prev_hash != prev:
             problems.append(f"event {ev.id}: previous-hash link broken (a row before it was deleted or altered)")
-        if chain_hash(ev.prev_hash, canonical(ev)) != ev.hash:
+        if ev.scheme == KEYED and key is None:
+            problems.append(f"event {ev.id}: keyed hash, but no audit key was given (cannot check it)")
+        elif ev.scheme not in (None, KEYED):
+            problems.append(f"event {ev.id}: unknown hash scheme {ev.scheme!r}")
+        elif ev.scheme is None and key is not None and ev.id > unkeyed_through:
+            problems.append(f"event {ev.id}: unkeyed hash after the keyed chain began (the chain was rewritten)")
+        elif chain_hash(ev.prev_hash, canonical(ev), key if ev.scheme == KEYED else None) != ev.hash:
             problems.append(f"event {ev.id}: content does not match its hash (the row was edited)")
         prev = ev.hash
         if len(problems) >= max_problems:

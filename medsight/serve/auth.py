@@ -43,6 +43,30 @@ class UserError(MedSightError):
     """Invalid user data: bad username, weak password, unknown role, duplicate name."""
 
 
+class LastAdminError(UserError):
+    """The change would leave no active administrator (nobody could manage users any more): 409."""
+
+
+def check_password(username: str, password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"password must be at least {MIN_PASSWORD} characters")
+    if password.lower() == username or password.lower() in ("password", "medsight"):
+        raise UserError("password is too easy to guess")
+
+
+def keep_an_admin(session: Session, user: User, role: str | None = None, active: bool | None = None) -> None:
+    """Refuse a change of ``user`` that would leave no active admin (the admin rows are locked on PostgreSQL,
+    so two admins demoting each other at once cannot both succeed; SQLite serialises every write)."""
+    stays = (role or user.role) == "admin" and (user.active if active is None else active)
+    if user.role != "admin" or not user.active or stays:
+        return
+    admins = session.execute(select(User.id).where(User.role == "admin", User.active.is_(True))
+                             .with_for_update()).scalars().all()
+    if not [i for i in admins if i != user.id]:
+        raise LastAdminError(f"{user.username!r} is the last active administrator: "
+                             "make another user an admin first")
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
@@ -57,10 +81,7 @@ def create_user(session: Session, username: str, password: str, role: str, full_
         raise UserError("username must be 2-63 characters: lower-case letters, digits, '.', '_' or '-'")
     if role not in ROLES:
         raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    if len(password) < MIN_PASSWORD:
-        raise UserError(f"password must be at least {MIN_PASSWORD} characters")
-    if password.lower() == username or password.lower() in ("password", "medsight"):
-        raise UserError("password is too easy to guess")
+    check_password(username, password)
     if session.execute(select(User.id).where(User.username == username)).first():
         raise UserError(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), role=role, full_name=full_name.strip())
@@ -69,12 +90,28 @@ def create_user(session: Session, username: str, password: str, role: str, full_
     return user
 
 
-def authenticate(session: Session, username: str, password: str) -> User | None:
-    user = session.execute(select(User).where(User.username == username.strip().lower())).scalar_one_or_none()
+def find_user(session: Session, username: str) -> User | None:
+    return session.execute(select(User).where(User.username == username.strip().lower())).scalar_one_or_none()
+
+
+def authenticate(session: Session, username: str, password: str, user: User | None = None) -> User | None:
+    """The active user whose password this is (``user``: already looked up by ``username``)."""
+    user = user or find_user(session, username)
     if user is None or not user.active:
         verify_password(password, _DUMMY_HASH)
         return None
     return user if verify_password(password, user.password_hash) else None
+
+
+def set_password(session: Session, user: User, password: str, keep_token: str | None = None) -> None:
+    """New password; every session of the user ends except ``keep_token``'s (the one that changed it)."""
+    check_password(user.username, password)
+    user.password_hash = hash_password(password)
+    user.failed_logins, user.locked_until = 0, None
+    keep = token_sha(keep_token) if keep_token else None
+    for tok in session.execute(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked.is_(False))).scalars():
+        if tok.token_sha256 != keep:
+            tok.revoked = True
 
 
 def token_sha(raw: str) -> str:

@@ -98,6 +98,24 @@ class ServiceSettings(BaseModel):
     #: ``medsight serve`` restarts a dead worker after 1, 2, 4 ... seconds, at most this long.
     worker_restart_max_backoff_s: float = Field(default=60.0, gt=0)
     token_hours: float = Field(default=12.0, gt=0)
+    #: Login protection (:mod:`medsight.serve.throttle`, docs/security.md "Accounts"): an account's first
+    #: ``login_free_failures`` consecutive wrong passwords are free; each further one locks it for
+    #: ``login_lock_base_s``, twice that ... at most ``login_lock_max_s`` (a right password is refused meanwhile).
+    login_free_failures: int = Field(default=5, ge=1)
+    login_lock_base_s: float = Field(default=2.0, gt=0)
+    login_lock_max_s: float = Field(default=900.0, gt=0)
+    #: The same per client address (in memory, per web process): free failures, then waits up to the cap.
+    client_free_failures: int = Field(default=10, ge=1)
+    client_backoff_max_s: float = Field(default=300.0, gt=0)
+    #: Password verifications (argon2, CPU-heavy) at once; a login waiting longer than ``hash_wait_s`` gets 503.
+    hash_slots: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
+    hash_wait_s: float = Field(default=2.0, gt=0)
+    #: Reverse proxies (addresses or CIDR networks) whose ``X-Forwarded-For`` names the client; nobody else's is read.
+    trusted_proxies: list[str] = []
+    #: The audit chain's HMAC key (created 0600 on first start; default: ``<data_dir>.audit-key`` beside the data dir).
+    audit_key_file: Path | None = None
+    #: A session's repeated identical worklist read (the page's auto-refresh, a polling client) is audited once per this.
+    audit_repeat_read_s: float = Field(default=300.0, ge=0)
     cookie_secure: bool = False
     public_url: str = "http://127.0.0.1:8000"
     triage: TriageWeights = TriageWeights()
@@ -151,11 +169,18 @@ class ServiceSettings(BaseModel):
         return self.data_dir / "files"
 
     @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.data_dir.resolve().parent / f"{self.data_dir.resolve().name}.audit-key"
+
+    @property
     def heartbeat_interval(self) -> float:
         return self.heartbeat_seconds or self.lease_seconds / 3.0
 
     def write_json(self, path: Path) -> Path:
         """Save these settings so another process (``medsight worker --settings``) runs the same service."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may name key files and a database URL
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=2))
         return path

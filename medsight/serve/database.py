@@ -11,12 +11,13 @@ instead; see :mod:`medsight.serve.jobs` and :mod:`medsight.serve.audit`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -44,7 +45,10 @@ class Database:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 before SQLite opens it (its -wal and -shm files copy the mode): patient data
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -70,6 +74,12 @@ def open_database(url: str, migrate: bool = True) -> Database:
     if migrate:
         upgrade(engine)
     return Database(engine, sessionmaker(engine, expire_on_commit=False))
+
+
+def last_audit_id(db: Database) -> int:
+    """The newest audit event's id (0 for none): where a new audit key's keyed chain begins."""
+    with db.engine.connect() as conn:
+        return int(conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM audit_events")).scalar_one())
 
 
 def alembic_config(engine: Engine):  # noqa: ANN201 - alembic imported lazily

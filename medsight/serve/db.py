@@ -201,7 +201,8 @@ class ReviewFinding(Base):
 
 
 class AuditEvent(Base):
-    """Append-only, hash-chained: ``hash = sha256(prev_hash + canonical row)``.
+    """Append-only, hash-chained: ``hash = HMAC-SHA256(key, prev_hash + canonical row)`` (``scheme``
+    "hmac-sha256"), or ``sha256(prev_hash + canonical row)`` for events written before the key (``scheme`` NULL).
 
     ``prev_hash`` is unique, so two writers can never both extend the same head
     (the chain cannot fork); database triggers refuse UPDATE and DELETE.
@@ -219,6 +220,7 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))
+    scheme: Mapped[str | None] = mapped_column(String(16))
 
 
 class WorkerBeat(Base):

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from functools import cached_property
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
@@ -27,6 +28,8 @@ from medsight.serve.audit import Auditor
 from medsight.serve.auth import COOKIE, Principal, user_for_token
 from medsight.serve.context import ServiceContext
 from medsight.serve.db import ROLES
+from medsight.serve.schemas import REFUSALS
+from medsight.serve.throttle import LoginGuard, RepeatReads
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -48,8 +51,51 @@ def get_session(ctx: Ctx) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def _ip(text: str) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
 def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The caller's address: the peer, or what a configured proxy (``trusted_proxies``) says in
+    ``X-Forwarded-For`` (the nearest hop that is not itself a trusted proxy). Anyone else's header is
+    ignored: it would let a client pick the address its failed logins and audit events are filed under."""
+    peer = request.client.host if request.client else None
+    nets = getattr(request.app.state, "trusted_proxies", ())
+    trusted = lambda a: a is not None and any(a in n for n in nets)  # noqa: E731
+    if peer is None or not trusted(_ip(peer)):
+        return peer
+    for hop in reversed([h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]):
+        addr = _ip(hop)
+        if addr is None:
+            return peer
+        if not trusted(addr):
+            return str(addr)
+    return peer
+
+
+def trusted_networks(entries: list[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    return tuple(ip_network(e, strict=False) for e in entries)
+
+
+async def get_guard(request: Request) -> LoginGuard:
+    return request.app.state.login_guard
+
+
+async def get_repeats(request: Request) -> RepeatReads:
+    return request.app.state.repeat_reads
+
+
+Guard = Annotated[LoginGuard, Depends(get_guard)]
+Repeats = Annotated[RepeatReads, Depends(get_repeats)]
+
+#: Largest id a database row can have (signed 64-bit): a larger one in a path is a 422, not an overflow.
+MAX_ID = 2**63 - 1
+#: Deepest page a list can be asked for (its offset must fit the database's integer too).
+MAX_PAGE = 10**9
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def credentials(request: Request) -> tuple[str | None, bool]:
@@ -140,13 +186,18 @@ def gate_of(route: APIRoute) -> Require | None:
 
 
 class GatedRoute(APIRoute):
-    """An API route whose OpenAPI entry lists the roles its gate really admits (``x-roles``)."""
+    """An API route whose OpenAPI entry lists the roles its gate really admits (``x-roles``) and the
+    refusals it can answer: 401/403 behind a gate, 404 with an id in the path, 422 (one body schema
+    for FastAPI's validation and the service's own refusals)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        gate = gate_of(self)
+    def __init__(self, path: str, endpoint: Any, **kwargs: Any):
+        super().__init__(path, endpoint, **kwargs)
+        gate = gate_of(self)  # known once the route is built: built again with what it implies
+        codes = [422] + ([401, 403] if gate is not None else []) + ([404] if "{" in path else [])
+        kwargs["responses"] = {**{c: REFUSALS[c] for c in codes}, **(kwargs.get("responses") or {})}
         if gate is not None:
-            self.openapi_extra = {**(self.openapi_extra or {}), "x-roles": list(gate.roles)}
+            kwargs["openapi_extra"] = {**(kwargs.get("openapi_extra") or {}), "x-roles": list(gate.roles)}
+        super().__init__(path, endpoint, **kwargs)
 
 
 async def get_audit(session: DbSession, user: CurrentUser) -> Auditor:

@@ -9,6 +9,8 @@ works without a build step.
 
 from __future__ import annotations
 
+import math
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -26,11 +28,12 @@ from medsight.serve.audit import Auditor
 from medsight.serve.auth import COOKIE, Principal, UserError
 from medsight.serve.config import KNOWN_MODALITIES, PRIORITIES
 from medsight.serve.context import ServiceContext
-from medsight.serve.db import ROLES, STUDY_STATUSES
+from medsight.serve.db import ROLES, STUDY_STATUSES, utcnow
 from medsight.serve.deps import (
     ADMIN,
     ANYONE,
     AUDITOR,
+    MAX_PAGE,
     QUALITY,
     RADIOLOGIST,
     STAFF,
@@ -38,15 +41,20 @@ from medsight.serve.deps import (
     Audit,
     Ctx,
     DbSession,
+    Guard,
+    Id,
+    Repeats,
     client_ip,
 )
 from medsight.serve.reviewed_report import submit_review
+from medsight.serve.throttle import RepeatReads
 from medsight.serve.reviews import EXCLUSIONS
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 AUDIT_PAGE_SIZE = 50
+LOGIN_CSRF_COOKIE = "medsight_login_csrf"
 
 router = APIRouter(include_in_schema=False)
 
@@ -64,20 +72,40 @@ def _safe_next(url: str | None) -> str | None:
     return url if url and url.startswith("/") and not url.startswith("//") else None
 
 
+def login_form(request: Request, status_code: int = 200, headers: dict[str, str] | None = None,
+               **ctx: Any) -> HTMLResponse:
+    """The login page with a fresh CSRF token, also set as a cookie (double submit): a cross-site page can
+    post the form but cannot read or set the cookie, so it cannot log a browser in to an account it chose."""
+    token = secrets.token_urlsafe(24)
+    resp = render(request, "login.html", None, status_code=status_code, login_csrf=token, **ctx)
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", path="/login",
+                    secure=request.app.state.ctx.settings.cookie_secure)
+    resp.headers.update(headers or {})
+    return resp
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, next: str | None = None) -> HTMLResponse:
-    return render(request, "login.html", None, next=_safe_next(next) or "")
+    return login_form(request, next=_safe_next(next) or "")
 
 
 @router.post("/login")
-def login_post(request: Request, ctx: Ctx, s: DbSession, audit: Audit, username: Annotated[str, Form()],
-               password: Annotated[str, Form()], next: Annotated[str, Form()] = "") -> Response:
-    got = usecases.login(s, audit, client_ip(request), username, password, ctx.settings.token_hours)
-    if got is None:
-        return render(request, "login.html", None, status_code=401, error="Wrong username or password.",
-                      next=_safe_next(next) or "", username=username)
+def login_post(request: Request, ctx: Ctx, s: DbSession, audit: Audit, guard: Guard, username: Annotated[str, Form()],
+               password: Annotated[str, Form()], next: Annotated[str, Form()] = "",
+               csrf_token: Annotated[str, Form()] = "") -> Response:
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not cookie or not secrets.compare_digest(cookie.encode(), csrf_token.encode()):
+        return login_form(request, status_code=403, error="The login form expired: please try again.",
+                          next=_safe_next(next) or "", username=username)
+    got = usecases.login(s, audit, guard, client_ip(request), username, password, ctx.settings.token_hours)
+    if isinstance(got, usecases.LoginRefused):
+        wait = max(1, math.ceil(got.retry_after_s))
+        error = "Wrong username or password." if got.status == 401 else f"{got.detail[:1].upper()}{got.detail[1:]} ({wait} s)."
+        return login_form(request, status_code=got.status, error=error, next=_safe_next(next) or "", username=username,
+                          headers={} if got.status == 401 else {"Retry-After": str(wait)})
     raw, user = got
     resp = RedirectResponse(_safe_next(next) or home_for(user.role), status_code=303)
+    resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     resp.set_cookie(COOKIE, raw, max_age=int(ctx.settings.token_hours * 3600), httponly=True, samesite="strict",
                     secure=ctx.settings.cookie_secure, path="/")
     return resp
@@ -96,8 +124,10 @@ def root(p: Annotated[Principal, Depends(ANYONE.for_pages)]) -> Response:
     return RedirectResponse(home_for(p.role), status_code=303)
 
 
-def _worklist(ctx: ServiceContext, s: Session, audit: Auditor, modality: str, status: str, page: int) -> dict[str, Any]:
-    return usecases.read_worklist(s, audit, ctx.settings.triage, modality or None, status or "open", max(page, 1), 25)
+def _worklist(ctx: ServiceContext, s: Session, audit: Auditor, modality: str, status: str, page: int,
+              repeats: RepeatReads | None = None, session_key: str = "") -> dict[str, Any]:
+    return usecases.read_worklist(s, audit, ctx.settings.triage, modality or None, status or "open",
+                                  min(max(page, 1), MAX_PAGE), 25, repeats, session_key)
 
 
 @router.get("/worklist", response_class=HTMLResponse)
@@ -109,14 +139,15 @@ def worklist_page(request: Request, ctx: Ctx, s: DbSession, audit: Audit, p: Ann
 
 
 @router.get("/worklist/rows", response_class=HTMLResponse)
-def worklist_rows(request: Request, ctx: Ctx, s: DbSession, audit: Audit, p: Annotated[Principal, Depends(STAFF.for_pages)],
+def worklist_rows(request: Request, ctx: Ctx, s: DbSession, audit: Audit, repeats: Repeats,
+                  p: Annotated[Principal, Depends(STAFF.for_pages)],
                   modality: str = "", status: str = "open", page: int = 1) -> HTMLResponse:
-    """The table body alone: what the page's auto-refresh fetches."""
-    return render(request, "_rows.html", p, wl=_worklist(ctx, s, audit, modality, status, page))
+    """The table body alone: what the page's auto-refresh fetches (audited when it shows something new)."""
+    return render(request, "_rows.html", p, wl=_worklist(ctx, s, audit, modality, status, page, repeats, p.csrf))
 
 
 @router.get("/studies/{study_id}", response_class=HTMLResponse)
-def study_page(study_id: int, request: Request, ctx: Ctx, s: DbSession, audit: Audit,
+def study_page(study_id: Id, request: Request, ctx: Ctx, s: DbSession, audit: Audit,
                p: Annotated[Principal, Depends(STAFF.for_pages)], result: int | None = None,
                saved: int | None = None) -> HTMLResponse:
     st = usecases.read_study(s, audit, ctx.settings.triage, study_id, include_reviews=p.role != "technologist")
@@ -144,7 +175,7 @@ async def form_data(request: Request) -> FormData:
 
 
 @router.post("/studies/{study_id}/review")
-def review_post(study_id: int, ctx: Ctx, s: DbSession, form: Annotated[FormData, Depends(form_data)],
+def review_post(study_id: Id, ctx: Ctx, s: DbSession, form: Annotated[FormData, Depends(form_data)],
                 p: Annotated[Principal, Depends(RADIOLOGIST.for_pages)]) -> Response:
     result_id = int(str(form.get("result_id"))) if form.get("result_id") else None
     findings = {k[8:]: form.get(k) == "present" for k in form if k.startswith("finding:")}
@@ -178,7 +209,7 @@ def upload_post(request: Request, ctx: Ctx, p: Annotated[Principal, Depends(UPLO
 @router.get("/users", response_class=HTMLResponse)
 def users_page(request: Request, s: DbSession, p: Annotated[Principal, Depends(ADMIN.for_pages)],
                error: str | None = None) -> HTMLResponse:
-    return render(request, "users.html", p, users=usecases.list_users(s), roles=ROLES, error=error)
+    return render(request, "users.html", p, users=usecases.list_users(s), roles=ROLES, error=error, now=utcnow())
 
 
 @router.post("/users")
@@ -192,8 +223,50 @@ def users_post(s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(ADMI
     return RedirectResponse("/users", status_code=303)
 
 
+@router.get("/account", response_class=HTMLResponse)
+def account_page(request: Request, p: Annotated[Principal, Depends(ANYONE.for_pages)], error: str | None = None,
+                 saved: int = 0) -> HTMLResponse:
+    return render(request, "account.html", p, error=error, saved=saved)
+
+
+@router.post("/account/password")
+def account_password(s: DbSession, audit: Audit, p: Annotated[Principal, Depends(ANYONE.for_pages)],
+                     old_password: Annotated[str, Form()], new_password: Annotated[str, Form()]) -> Response:
+    try:
+        usecases.change_own_password(s, audit, p.user_id, p.token, old_password, new_password)
+    except UserError as e:
+        return RedirectResponse(f"/account?error={quote(str(e))}", status_code=303)
+    return RedirectResponse("/account?saved=1", status_code=303)
+
+
+@router.post("/users/{user_id}/unlock")
+def users_unlock(user_id: Id, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(ADMIN.for_pages)]) -> Response:
+    usecases.unlock_user(s, audit, user_id)
+    return RedirectResponse("/users", status_code=303)
+
+
+@router.post("/users/{user_id}/password")
+def users_password(user_id: Id, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(ADMIN.for_pages)],
+                   password: Annotated[str, Form()]) -> Response:
+    try:
+        usecases.reset_password(s, audit, user_id, password)
+    except UserError as e:
+        return RedirectResponse(f"/users?error={quote(str(e))}", status_code=303)
+    return RedirectResponse("/users", status_code=303)
+
+
+@router.post("/users/{user_id}/role")
+def users_role(user_id: Id, s: DbSession, audit: Audit, p: Annotated[Principal, Depends(ADMIN.for_pages)],
+               role: Annotated[str, Form()]) -> Response:
+    try:
+        usecases.update_user(s, audit, p.user_id, user_id, role=role)
+    except UserError as e:
+        return RedirectResponse(f"/users?error={quote(str(e))}", status_code=303)
+    return RedirectResponse("/users", status_code=303)
+
+
 @router.post("/users/{user_id}/active")
-def users_toggle(user_id: int, s: DbSession, audit: Audit, p: Annotated[Principal, Depends(ADMIN.for_pages)],
+def users_toggle(user_id: Id, s: DbSession, audit: Audit, p: Annotated[Principal, Depends(ADMIN.for_pages)],
                  active: Annotated[str, Form()]) -> Response:
     try:
         usecases.update_user(s, audit, p.user_id, user_id, active=active == "1")
@@ -205,7 +278,7 @@ def users_toggle(user_id: int, s: DbSession, audit: Audit, p: Annotated[Principa
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request, s: DbSession, audit: Audit, p: Annotated[Principal, Depends(AUDITOR.for_pages)],
                page: int = 1, verify: int = 0) -> HTMLResponse:
-    page = max(page, 1)
+    page = min(max(page, 1), MAX_PAGE)
     if verify:
         events, report = usecases.audit_events(s, page, AUDIT_PAGE_SIZE), usecases.verify_audit(s, audit, page=page)
     else:

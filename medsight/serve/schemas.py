@@ -34,7 +34,17 @@ class ReviewBody(BaseModel):
     label: str | None = Field(default=None, description="the reviewer's label for the image (single-label models)")
     findings: dict[str, bool] | None = Field(default=None, description="per finding: present? (multilabel models)")
     note: str = ""
-    result_id: int | None = Field(default=None, description="which image's result; default: the study's key image")
+    result_id: int | None = Field(default=None, ge=1, le=2**63 - 1,
+                                  description="which image's result; default: the study's key image")
+
+
+class PasswordChange(BaseModel):
+    old_password: str
+    new_password: str
+
+
+class PasswordReset(BaseModel):
+    password: str
 
 
 # --------------------------------------------------------------------------- service
@@ -46,10 +56,13 @@ class JobCounts(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok | degraded")
     version: str
     database: str = Field(description="sqlite | postgresql")
     jobs: JobCounts
+    reasons: list[str] = Field(default_factory=list, description="why the service is degraded")
+    workers_alive: int = 0
+    oldest_queued_s: float | None = Field(default=None, description="age of the oldest due queued job")
 
 
 class Job(BaseModel):
@@ -278,6 +291,30 @@ class AuditVerify(BaseModel):
     head: str
     problems: list[str]
 
+
+class Problem(BaseModel):
+    """Every refusal's body: ``detail`` says why (FastAPI's request validation: a list of the bad fields)."""
+
+    model_config = {"extra": "allow"}
+    detail: str | list[dict[str, Any]]
+    error: str | None = Field(default=None, description="the error's class name, where the service refused on purpose")
+
+
+def problem(description: str) -> dict[str, Any]:
+    return {"model": Problem, "description": description}
+
+
+#: refusals the gate and the error mapping answer, by status (listed on each route where they happen)
+REFUSALS = {
+    401: problem("not authenticated"),
+    403: problem("the caller's role may not do this, or a cookie request lacks its CSRF token"),
+    404: problem("no such object"),
+    409: problem("conflicts with the current state (a duplicate study, the last active admin)"),
+    413: problem("the upload or an image in it is too large"),
+    422: problem("invalid input (request validation, or a value the service refuses)"),
+    429: problem("too many failed logins: wait the Retry-After seconds"),
+    503: problem("busy: retry after the Retry-After seconds"),
+}
 
 #: a PNG answer, for the OpenAPI entry of the image routes
 PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "the image"}}

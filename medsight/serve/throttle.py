@@ -108,3 +108,41 @@ class HashSlots:
         finally:
             if got:
                 self._sem.release()
+
+
+@dataclass
+class LoginGuard:
+    """The three brakes of one web process, built from the service settings."""
+
+    clients: ClientThrottle
+    account: Backoff
+    slots: HashSlots
+
+    @classmethod
+    def from_settings(cls, cfg) -> LoginGuard:  # noqa: ANN001 - ServiceSettings
+        return cls(ClientThrottle(Backoff(cfg.client_free_failures, 1.0, cfg.client_backoff_max_s)),
+                   Backoff(cfg.login_free_failures, cfg.login_lock_base_s, cfg.login_lock_max_s),
+                   HashSlots(cfg.hash_slots, cfg.hash_wait_s))
+
+
+class RepeatReads:
+    """Which (session, view) reads were audited within the last ``interval_s``: a page's auto-refresh and a
+    polling client repeat the same read every few seconds, and one audit row per interval says the same."""
+
+    def __init__(self, interval_s: float, max_keys: int = 100_000, clock=time.monotonic):  # noqa: ANN001
+        self.interval_s, self.max_keys, self._clock = interval_s, max_keys, clock
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[tuple, float] = OrderedDict()
+
+    def due(self, key: tuple) -> bool:
+        """True (and remembered) when ``key`` was not audited within the interval."""
+        now = self._clock()
+        with self._lock:
+            last = self._seen.get(key)
+            if last is not None and now - last < self.interval_s:
+                return False
+            self._seen.pop(key, None)
+            self._seen[key] = now
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+            return True

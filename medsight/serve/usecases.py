@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,29 +24,72 @@ from medsight.serve.auth import (
     UserError,
     authenticate,
     create_user,
+    find_user,
     issue_token,
+    keep_an_admin,
     revoke_token,
+    set_password,
+    verify_password,
 )
 from medsight.serve.config import TriageWeights
 from medsight.serve.context import ServiceContext
-from medsight.serve.db import ROLES, AuditEvent, Study, User
+from medsight.serve.db import ROLES, AuditEvent, Study, User, utcnow
 from medsight.serve.ingest import UploadRequest, ingest
 from medsight.serve.reviews import agreement
+from medsight.serve.throttle import LoginGuard, RepeatReads, account_failure, account_retry_after
 from medsight.serve.views import audit_dict, study_detail
 from medsight.serve.worklist import worklist
 
 
 # --------------------------------------------------------------------------- sessions
-def login(s: Session, audit: Auditor, client_ip: str | None, username: str, password: str,
-          token_hours: float) -> tuple[str, User] | None:
-    """A new session token for a right password; None (audited as ``login.failed``) otherwise."""
-    user = authenticate(s, username, password)
-    if user is None:
+@dataclass(frozen=True)
+class LoginRefused:
+    """A login answered without a session: 401 (wrong), 429 (wait: throttled or locked), 503 (busy)."""
+
+    status: int
+    detail: str
+    retry_after_s: float = 0.0
+
+
+def login(s: Session, audit: Auditor, guard: LoginGuard, client_ip: str | None, username: str, password: str,
+          token_hours: float) -> tuple[str, User] | LoginRefused:
+    """A new session token for a right password, else why not.
+
+    Throttled clients and locked accounts are refused before any password hash (a flood costs a dict
+    lookup), and not audited per attempt: the lock itself is audited once, when it begins.
+    """
+    client = client_ip or "?"
+    wait = guard.clients.retry_after(client)
+    if wait > 0:
+        return LoginRefused(429, "too many failed logins from this address: wait and try again", wait)
+    user = find_user(s, username)
+    now = utcnow()
+    wait = account_retry_after(user.locked_until, now) if user is not None else 0.0
+    if wait > 0:
+        return LoginRefused(429, "this account is locked after repeated wrong passwords: wait, or ask an "
+                                 "administrator to unlock it", wait)
+    with guard.slots.slot() as got:
+        if not got:
+            return LoginRefused(503, "the service is busy checking other logins: try again", 1.0)
+        ok = authenticate(s, username, password, user)
+    if ok is None:
+        failures = guard.clients.failed(client)
         audit("login.failed", "user", None, actor=Actor(username[:64] or "?", None, None, client_ip))
-        return None
-    raw, _ = issue_token(s, user, token_hours)
-    audit("login", "user", user.id, actor=Actor(user.username, user.role, user.id, client_ip))
-    return raw, user
+        if failures == guard.clients.backoff.free_failures + 1:
+            audit("login.client_throttled", "client", client, actor=Actor("system", None, None, client_ip),
+                  failures=failures)
+        if user is not None and user.active:
+            user.failed_logins, locked = account_failure(user.failed_logins or 0, now, guard.account)
+            if locked is not None:
+                user.locked_until = locked
+                audit("user.locked", "user", user.id, actor=Actor("system", None, None, client_ip),
+                      failures=user.failed_logins, until=locked.isoformat() + "Z")
+        return LoginRefused(401, "wrong username or password")
+    guard.clients.succeeded(client)
+    ok.failed_logins, ok.locked_until = 0, None
+    raw, _ = issue_token(s, ok, token_hours)
+    audit("login", "user", ok.id, actor=Actor(ok.username, ok.role, ok.id, client_ip))
+    return raw, ok
 
 
 def logout(s: Session, audit: Auditor, token: str, user_id: int) -> None:
@@ -94,10 +138,13 @@ def read_study(s: Session, audit: Auditor, w: TriageWeights, study_id: int, incl
 
 
 def read_worklist(s: Session, audit: Auditor, w: TriageWeights, modality: str | None, status: str | None,
-                  page: int, page_size: int) -> dict[str, Any]:
+                  page: int, page_size: int, repeats: RepeatReads | None = None, session_key: str = "") -> dict[str, Any]:
+    """One worklist page; audited, except a session's identical read again within ``repeats``' interval
+    (the page's 5-s auto-refresh): the same session, view and studies are already on record."""
     out = worklist(s, w, modality, status, page, page_size)
-    audit("worklist.read", "study", None, modality=modality, status=status, page=page,
-          studies=[i["id"] for i in out["items"]])
+    studies = [i["id"] for i in out["items"]]
+    if repeats is None or repeats.due((session_key, "worklist", modality, status, page, tuple(studies))):
+        audit("worklist.read", "study", None, modality=modality, status=status, page=page, studies=studies)
     return out
 
 
@@ -131,11 +178,45 @@ def update_user(s: Session, audit: Auditor, by_user_id: int, user_id: int, activ
         raise UserError(f"role must be one of {', '.join(ROLES)}")
     if active is False and u.id == by_user_id:
         raise UserError("you cannot deactivate yourself")
+    keep_an_admin(s, u, role, active)
     if role is not None:
         u.role = role
     if active is not None:
         u.active = active
     audit("user.update", "user", u.id, **{k: v for k, v in (("active", active), ("role", role)) if v is not None})
+    return u
+
+
+def get_user(s: Session, user_id: int) -> User:
+    u = s.get(User, user_id)
+    if u is None:
+        raise LookupError(f"user {user_id} not found")
+    return u
+
+
+def unlock_user(s: Session, audit: Auditor, user_id: int) -> User:
+    """Lift a login lock now (the failure count starts again)."""
+    u = get_user(s, user_id)
+    u.failed_logins, u.locked_until = 0, None
+    audit("user.unlock", "user", u.id, username=u.username)
+    return u
+
+
+def reset_password(s: Session, audit: Auditor, user_id: int, password: str) -> User:
+    """An administrator sets a user's password: the user's sessions end, a login lock is lifted."""
+    u = get_user(s, user_id)
+    set_password(s, u, password)
+    audit("user.password_reset", "user", u.id, username=u.username)
+    return u
+
+
+def change_own_password(s: Session, audit: Auditor, user_id: int, token: str, old: str, new: str) -> User:
+    """The caller's own password, against the old one; their other sessions end, this one stays."""
+    u = get_user(s, user_id)
+    if not verify_password(old, u.password_hash):
+        raise UserError("the current password is wrong")
+    set_password(s, u, new, keep_token=token)
+    audit("user.password_change", "user", u.id)
     return u
 
 

@@ -156,6 +156,16 @@ class Svc:
 ROLES = ("admin", "radiologist", "technologist", "auditor")
 
 
+def post_login_form(client, username: str, password: str, **extra: str):  # noqa: ANN001, ANN201
+    """Log in through the login page as a browser does: fetch the form (its CSRF token and cookie), post it."""
+    import re
+
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token, **extra},
+                       follow_redirects=False)
+
+
 _HASH: dict[str, str] = {}
 _SQLITE_TEMPLATE: dict[str, Path] = {}
 

@@ -9,7 +9,7 @@ from fastapi.routing import APIRoute
 from typer.testing import CliRunner
 
 from medsight.serve.deps import Require
-from tests.serve.conftest import PASSWORD, ROLES
+from tests.serve.conftest import PASSWORD, ROLES, post_login_form
 
 PUBLIC_API = {("/health", "get"), ("/api/auth/login", "post")}
 PUBLIC_PAGES = {("/login", "GET"), ("/login", "POST")}
@@ -79,6 +79,8 @@ def test_login_cookie_csrf_and_logout(svc) -> None:  # noqa: ANN001
     r = c.post("/api/auth/login", json={"username": "radiologist1", "password": "wrong password!"})
     assert r.status_code == 401
     r = c.post("/login", data={"username": "radiologist1", "password": PASSWORD}, follow_redirects=False)
+    assert r.status_code == 403 and "expired" in r.text  # the login form's own CSRF token is missing
+    r = post_login_form(c, "radiologist1", PASSWORD)
     assert r.status_code == 303 and r.headers["location"] == "/worklist"
     cookie = r.cookies.get("medsight_session")
     assert cookie and "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()

@@ -10,18 +10,18 @@ from sqlalchemy import select
 from medsight.serve.analysis import display_png
 from medsight.serve.auth import Principal
 from medsight.serve.db import Instance, Result
-from medsight.serve.deps import CLINICAL, STAFF, Audit, Ctx, DbSession, GatedRoute
+from medsight.serve.deps import CLINICAL, STAFF, Audit, Ctx, DbSession, GatedRoute, Id
 from medsight.serve.schemas import PNG
 
 router = APIRouter(prefix="/api", tags=["images"], responses=PNG, route_class=GatedRoute)
 
 
 def png(data: bytes) -> Response:
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/instances/{instance_id}/image.png", response_class=Response)
-def instance_image(instance_id: int, ctx: Ctx, s: DbSession, audit: Audit,
+def instance_image(instance_id: Id, ctx: Ctx, s: DbSession, audit: Audit,
                    _p: Annotated[Principal, Depends(STAFF)]) -> Response:
     """The image as displayed (rendered from the stored file with the core reader)."""
     from medsight.io.readers import read_image
@@ -52,20 +52,20 @@ def _result_png(result_id: int, ctx: Ctx, s: DbSession, audit: Audit, which: str
 
 
 @router.get("/results/{result_id}/image.png", response_class=Response)
-def result_image(result_id: int, ctx: Ctx, s: DbSession, audit: Audit,
+def result_image(result_id: Id, ctx: Ctx, s: DbSession, audit: Audit,
                  _p: Annotated[Principal, Depends(STAFF)]) -> Response:
     return _result_png(result_id, ctx, s, audit, "image")
 
 
 @router.get("/results/{result_id}/overlay.png", response_class=Response)
-def result_overlay(result_id: int, ctx: Ctx, s: DbSession, audit: Audit,
+def result_overlay(result_id: Id, ctx: Ctx, s: DbSession, audit: Audit,
                    _p: Annotated[Principal, Depends(CLINICAL)]) -> Response:
     """Grad-CAM heat map blended over the image (full strength: pages set the opacity)."""
     return _result_png(result_id, ctx, s, audit, "overlay")
 
 
 @router.get("/results/{result_id}/heatmap.png", response_class=Response)
-def result_heatmap(result_id: int, ctx: Ctx, s: DbSession, audit: Audit,
+def result_heatmap(result_id: Id, ctx: Ctx, s: DbSession, audit: Audit,
                    _p: Annotated[Principal, Depends(CLINICAL)]) -> Response:
     """The bare heat map, 8-bit gray, at the image's resolution."""
     return _result_png(result_id, ctx, s, audit, "heatmap")

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from medsight.serve import schemas
 from medsight.serve.auth import Principal
 from medsight.serve.db import Job
-from medsight.serve.deps import ADMIN, UPLOADER, Audit, Ctx, DbSession, GatedRoute
+from medsight.serve.deps import ADMIN, UPLOADER, Audit, Ctx, DbSession, GatedRoute, Id
 
 router = APIRouter(prefix="/api/jobs", tags=["service"], route_class=GatedRoute)
 
@@ -29,7 +29,7 @@ def jobs(s: DbSession, _p: Annotated[Principal, Depends(UPLOADER)], status: str 
 
 
 @router.post("/{job_id}/retry", response_model=schemas.JobRetried)
-def retry_job(job_id: int, ctx: Ctx, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(ADMIN)]) -> dict[str, Any]:
+def retry_job(job_id: Id, ctx: Ctx, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(ADMIN)]) -> dict[str, Any]:
     """Send a failed delivery (PACS, FHIR, HL7, webhook) again, e.g. after its receiver was fixed."""
     job = ctx.queue.requeue(s, job_id)
     audit("job.retry", "job", job.id, kind=job.kind, study=job.study_id, channel=(job.payload or {}).get("channel"))

@@ -18,6 +18,7 @@ from medsight.serve.deps import (
     Ctx,
     DbSession,
     GatedRoute,
+    Id,
 )
 from medsight.serve.reviewed_report import submit_review
 from medsight.serve.reviews import review_dict
@@ -26,7 +27,7 @@ router = APIRouter(prefix="/api", tags=["reviews"], route_class=GatedRoute)
 
 
 @router.post("/studies/{study_id}/reviews", status_code=201, response_model=schemas.Review)
-def post_review(study_id: int, body: schemas.ReviewBody, ctx: Ctx, s: DbSession,
+def post_review(study_id: Id, body: schemas.ReviewBody, ctx: Ctx, s: DbSession,
                 p: Annotated[Principal, Depends(RADIOLOGIST)]) -> dict[str, Any]:
     """Confirm or correct the model's findings. A later review never replaces an earlier one."""
     rev = submit_review(ctx, s, study_id, p.actor, body.label, body.findings, body.note, body.result_id)
@@ -34,7 +35,7 @@ def post_review(study_id: int, body: schemas.ReviewBody, ctx: Ctx, s: DbSession,
 
 
 @router.get("/studies/{study_id}/reviews", response_model=list[schemas.Review])
-def get_reviews(study_id: int, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(CLINICAL)]) -> list[dict[str, Any]]:
+def get_reviews(study_id: Id, s: DbSession, audit: Audit, _p: Annotated[Principal, Depends(CLINICAL)]) -> list[dict[str, Any]]:
     usecases.get_study(s, study_id)
     rows = s.execute(select(Review).where(Review.study_id == study_id).order_by(Review.id)).scalars().all()
     audit("review.read", "study", study_id, reviews=[r.id for r in rows])
