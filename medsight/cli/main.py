@@ -78,7 +78,7 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="JSON list o
 @app.command("predict")
 def predict_cmd(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders (DICOM, PNG, JPEG, TIFF, NIfTI)")],
-    model: ModelOpt = "pneumonia-cxr",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="zoo name or model package directory (default: each DICOM file goes to the model whose card it fits, docs/routing.md; other files need --model)")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for heat-map overlays")] = Path("medsight-out"),
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | csv")] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="same as --format json (one JSON object per line)")] = False,
@@ -95,47 +95,76 @@ def predict_cmd(
     from medsight.predict.result import PredictionError
     from medsight.predict.settings import available_cores
 
+    from medsight.cli.routing import applicability_notes, route_inputs
+
     if engine != "local":
         from medsight.cli.scale import run_engine_cmd
 
+        if model is None:
+            _fail(ValueError("--engine ray needs --model (routing reads each DICOM header: use --engine local)"))
         return run_engine_cmd(engine, paths, model, backend, out_dir, heatmap, batch_size, address, workers, err)
 
     fmt = "json" if as_json else fmt
     if fmt not in ("table", "json", "csv"):
         _fail(ValueError(f"--format must be table, json or csv, not {fmt!r}"))
-    try:
-        predictor = load_model(model, backend=backend)
-    except MedSightError as e:
-        _fail(e)
+    if model is not None:
+        try:
+            predictor = load_model(model, backend=backend)
+        except MedSightError as e:
+            _fail(e)
     files = list(_expand(paths))
     if not files:
         _fail(ValueError("no input images found"))
-    rows, failed = [], 0
+    # without --model each DICOM file goes to the model it fits (or none: a per-file "not analysed" error)
+    groups, refused = ({model: files}, []) if model is not None else route_inputs(files)
+    rows, failed, tables, n = list(refused), len(refused), [], 0
+    for row in refused:
+        err.print(f"[yellow]{Path(row['path']).name}:[/yellow] {row['error']}", highlight=False, soft_wrap=True)
+        if fmt == "json":
+            print(json.dumps(row), flush=True)
 
     def emit(done: list[dict]) -> None:  # rows whose overlay is on disk, in input order
         for row in done:
             bar.advance(task)
             rows.append(row)
+            group_rows.append(row)
             if fmt == "json":
                 print(json.dumps(row), flush=True)
 
-    # overlays are written in background threads while the next batches are classified
-    with _progress() as bar, OverlayWriter(available_cores(), max_pending=2 * batch_size) as overlays:
-        task = bar.add_task("predicting", total=len(files))
-        for i, res in enumerate(predictor.stream(files, explain=heatmap, batch_size=batch_size)):  # decoding overlaps inference
-            if isinstance(res, PredictionError):
-                failed += 1
-                emit(overlays.put(res.to_dict()))
-            elif res.heatmap is not None and res.image is not None:
-                path = out_dir / f"{i:04d}_{Path(str(res.source)).stem}_overlay.png"
-                emit(overlays.put(res.to_dict(heatmap_path=str(path)), res.image, res.heatmap, path))
-            else:
-                emit(overlays.put(res.to_dict()))
-        emit(overlays.drain())
+    for name, group in groups.items():
+        if model is None:
+            try:
+                predictor = load_model(name, backend=backend)
+            except MedSightError as e:
+                _fail(e)
+        # an operator's --model runs outside its declared use, but says so (docs/routing.md)
+        notes = applicability_notes(predictor.card, group) if model is not None else {}
+        for path, note in notes.items():
+            err.print(f"[yellow]warning:[/yellow] {Path(path).name}: {note}", highlight=False, soft_wrap=True)
+        group_rows: list[dict] = []
+        # overlays are written in background threads while the next batches are classified
+        with _progress() as bar, OverlayWriter(available_cores(), max_pending=2 * batch_size) as overlays:
+            task = bar.add_task("predicting", total=len(group))
+            for res in predictor.stream(group, explain=heatmap, batch_size=batch_size):  # decoding overlaps inference
+                i, n = n, n + 1
+                note = {"applicability": notes[str(res.source)]} if str(res.source) in notes else {}
+                if isinstance(res, PredictionError):
+                    failed += 1
+                    emit(overlays.put(res.to_dict()))
+                elif res.heatmap is not None and res.image is not None:
+                    path = out_dir / f"{i:04d}_{Path(str(res.source)).stem}_overlay.png"
+                    emit(overlays.put(res.to_dict(heatmap_path=str(path)) | note, res.image, res.heatmap, path))
+                else:
+                    emit(overlays.put(res.to_dict() | note))
+            emit(overlays.drain())
+        tables.append((predictor.card.labels, group_rows))
     if fmt == "table":
-        _print_prediction_table(rows, predictor.card.labels)
+        for labels, group_rows in tables:
+            _print_prediction_table(group_rows, labels)
+        if refused:
+            _print_prediction_table(refused, [])
     elif fmt == "csv":
-        _write_csv(rows, predictor.card.labels)
+        _write_csv(rows, list(dict.fromkeys(lab for labels, _ in tables for lab in labels)))
     if failed:
         err.print(f"{failed} of {len(files)} inputs could not be analysed (see 'error' entries)")
         raise typer.Exit(1)
