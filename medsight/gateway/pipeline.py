@@ -8,7 +8,8 @@ worker that analyses the study also builds the SR, the overlay Secondary
 Captures, the FHIR and HL7 messages the site configured, and queues their
 delivery as ``deliver`` jobs with retry (:mod:`medsight.integration.delivery`).
 
-An instance that arrives after its study was handed over (the sender was slower
+A study no installed model applies to is stored all the same, "not analysed" with the reason (the
+service's worklist shows it; no analysis job). An instance that arrives after its study was handed over (the sender was slower
 than the idle timeout) is not dropped: it joins the service's study and the study
 is analysed again (:func:`medsight.serve.ingest.add_instances`).
 """
@@ -82,6 +83,10 @@ class ServiceStudyCallback:
         except MedSightError as e:  # unreadable image, no model for the modality, ...: refused, listener keeps serving
             log.warning("study %s refused by the service: %s", study.study_instance_uid, e)
             return StudyOutcome(f"refused: {e}")
+        if queued.status == "not_analysed":  # stored and on the worklist, with the reason; no analysis job
+            log.info("study %s stored as service study %s, %s", study.study_instance_uid, queued.id,
+                     queued.not_analysed_reason)
+            return StudyOutcome(f"stored as study {queued.id}, {queued.not_analysed_reason}", handed_off=True)
         log.info("study %s queued as service study %s (%s, %d instances)", study.study_instance_uid, queued.id,
                  queued.model, len(files))
         # ingest_files stored its own copies in the same transaction as the job: the inbox copy may go

@@ -75,6 +75,10 @@ class UploadRequest:
     description: str | None = None
     #: run the requested ``model`` although it does not apply (an operator's decision; audited; docs/routing.md)
     override_applicability: bool = False
+    #: store a study no model applies to as "not analysed" (True), or refuse it (False). Default: store it unless
+    #: the uploader asked for a ``model`` (they are there to choose another, or to override); a study from the
+    #: DICOM listener is always stored (:func:`ingest_files`): nobody is there to read a refusal
+    keep_not_analysed: bool | None = None
 
 
 @dataclass
@@ -282,7 +286,8 @@ def ingest(ctx: ServiceContext, req: UploadRequest, actor: Actor) -> Study:
             card = ctx.catalog.choose(modality, req.model, [c.meta["routing"] for c in checked if "routing" in c.meta],
                                       override=req.override_applicability)
         except UnsupportedModalityError as e:
-            if e.decision is None:  # no routing decision (e.g. an unknown modality code): the upload is wrong
+            keep = req.keep_not_analysed if req.keep_not_analysed is not None else req.model is None
+            if e.decision is None or not keep:  # no routing decision (an unknown modality code), or the uploader's model
                 raise
             card, not_analysed = None, str(e)
         with ctx.db.session() as s:
@@ -365,7 +370,7 @@ def ingest_files(ctx: ServiceContext, paths: list[Path], actor: Actor | None = N
     The files are copied into storage; the originals are left where they are.
     ``request`` takes the :class:`UploadRequest` fields (``model``, ``priority``, ...).
     """
-    req = UploadRequest([(Path(p).name, Path(p)) for p in paths], **request)  # type: ignore[arg-type]
+    req = UploadRequest([(Path(p).name, Path(p)) for p in paths], **{"keep_not_analysed": True, **request})  # type: ignore[arg-type]
     return ingest(ctx, req, actor or Actor("dicom-listener", "system"))
 
 

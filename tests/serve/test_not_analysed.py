@@ -57,7 +57,13 @@ def test_without_a_pacs_or_with_the_notice_off_no_notice_is_queued(tmp_path: Pat
     svc = make_service(tmp_path, f"sqlite:///{tmp_path / 'svc.db'}", models_dir,
                        outputs={"dicom_destination": "PACS@127.0.0.1:1"}, not_analysed_notice=False)
     try:
-        r = svc.upload([("nm.dcm", dicom_bytes("CT_small.dcm", Modality="NM"))])
+        nm = dicom_bytes("CT_small.dcm", Modality="NM")
+        # an uploader who named the model gets the refusal, to choose another or override: nothing is stored
+        r = svc.upload([("nm.dcm", nm)], model="tiny-xr")
+        assert r.status_code == 422 and "model 'tiny-xr' does not apply" in r.json()["detail"]
+        with svc.ctx.db.session() as s:
+            assert s.execute(select(Study)).first() is None
+        r = svc.upload([("nm.dcm", nm)])
         assert r.status_code == 202 and r.json()["status"] == "not_analysed"
         with svc.ctx.db.session() as s:
             assert s.execute(select(Job)).first() is None
