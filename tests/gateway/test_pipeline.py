@@ -160,10 +160,15 @@ def test_a_study_received_twice_is_queued_once_and_unknown_modality_is_refused(t
         assert first.message.startswith("queued as study") and first.handed_off
         assert again.message.startswith("already in the service") and not again.handed_off
         us = DATA / "US1_J2KR.dcm"  # ultrasound: the tiny model reads CR/DX/CT/MR only
-        refused = ServiceStudyCallback(ctx)(ReceivedStudy("u", [us], {"PACS"}))
-        assert "no installed model reads modality 'US'" in refused.message and not refused.handed_off
+        # This was refused and only logged; a study no model applies to is now stored, "not analysed" with the
+        # reason, and gets no analysis job (issue 18: the worklist shows it, nothing is dropped at the door).
+        kept = ServiceStudyCallback(ctx)(ReceivedStudy("u", [us], {"PACS"}))
+        assert "no installed model reads modality 'US'" in kept.message and kept.handed_off
         with ctx.db.session() as s:
-            assert len(s.execute(select(Study)).all()) == 1
+            studies = {st.modality: st for st in s.execute(select(Study)).scalars()}
+            assert len(studies) == 2 and studies["US"].status == "not_analysed"
+            assert "no installed model reads modality 'US'" in studies["US"].not_analysed_reason
+            assert s.execute(select(Job).where(Job.study_id == studies["US"].id)).first() is None
     finally:
         ctx.close()
 
