@@ -94,13 +94,12 @@ def find_user(session: Session, username: str) -> User | None:
     return session.execute(select(User).where(User.username == username.strip().lower())).scalar_one_or_none()
 
 
-def authenticate(session: Session, username: str, password: str, user: User | None = None) -> User | None:
-    """The active user whose password this is (``user``: already looked up by ``username``)."""
-    user = user or find_user(session, username)
+def password_matches(user: User | None, password: str) -> bool:
+    """Is ``user`` active and this its password? An unknown user costs the same hash (no timing oracle)."""
     if user is None or not user.active:
         verify_password(password, _DUMMY_HASH)
-        return None
-    return user if verify_password(password, user.password_hash) else None
+        return False
+    return verify_password(password, user.password_hash)
 
 
 def set_password(session: Session, user: User, password: str, keep_token: str | None = None) -> None:

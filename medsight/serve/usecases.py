@@ -22,11 +22,11 @@ from medsight.errors import UploadError
 from medsight.serve.audit import Actor, Auditor, verify
 from medsight.serve.auth import (
     UserError,
-    authenticate,
     create_user,
     find_user,
     issue_token,
     keep_an_admin,
+    password_matches,
     revoke_token,
     set_password,
     verify_password,
@@ -62,24 +62,29 @@ def login(s: Session, audit: Auditor, guard: LoginGuard, client_ip: str | None, 
     wait = guard.clients.retry_after(client)
     if wait > 0:
         return LoginRefused(429, "too many failed logins from this address: wait and try again", wait)
-    user = find_user(s, username)
-    now = utcnow()
-    wait = account_retry_after(user.locked_until, now) if user is not None else 0.0
+    # Read the account in a short transaction of its own and check the password outside any: SQLite's
+    # transaction holds the write lock, which would queue every other request behind each argon2 run.
+    with Session(s.get_bind(), expire_on_commit=False) as r, r.begin():
+        found = find_user(r, username)
+    wait = account_retry_after(found.locked_until, utcnow()) if found is not None else 0.0
     if wait > 0:
         return LoginRefused(429, "this account is locked after repeated wrong passwords: wait, or ask an "
                                  "administrator to unlock it", wait)
     with guard.slots.slot() as got:
         if not got:
             return LoginRefused(503, "the service is busy checking other logins: try again", 1.0)
-        ok = authenticate(s, username, password, user)
+        matches = password_matches(found, password)
+    # the row as it is now, in the request's transaction (locked on PostgreSQL: concurrent failures all count)
+    user = None if found is None else s.get(User, found.id, with_for_update=True)
+    ok = user if matches else None
     if ok is None:
         failures = guard.clients.failed(client)
         audit("login.failed", "user", None, actor=Actor(username[:64] or "?", None, None, client_ip))
-        if failures == guard.clients.backoff.free_failures + 1:
+        if failures == guard.clients.backoff.free_failures:  # the failure that starts the client's wait
             audit("login.client_throttled", "client", client, actor=Actor("system", None, None, client_ip),
                   failures=failures)
         if user is not None and user.active:
-            user.failed_logins, locked = account_failure(user.failed_logins or 0, now, guard.account)
+            user.failed_logins, locked = account_failure(user.failed_logins or 0, utcnow(), guard.account)
             if locked is not None:
                 user.locked_until = locked
                 audit("user.locked", "user", user.id, actor=Actor("system", None, None, client_ip),

@@ -124,3 +124,13 @@ def test_health_is_degraded_when_the_oldest_due_job_waits_too_long(svc_sqlite, s
     with ctx.db.session() as s:  # a job scheduled for a later retry is not overdue
         s.execute(update(Job).values(run_after=utcnow() + timedelta(seconds=60)))
     assert service_health(ctx).ok
+
+
+def test_health_answers_503_with_reasons_until_a_worker_beats(svc_sqlite) -> None:  # noqa: ANN001
+    r = svc_sqlite.client.get("/health")
+    body = r.json()
+    assert r.status_code == 503 and body["status"] == "degraded" and "no worker" in body["reasons"][0]
+    assert body["jobs"]["queued"] == 0 and body["database"] == "sqlite" and body["version"]
+    Worker(svc_sqlite.ctx, name="w-test").beat()
+    r = svc_sqlite.client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["reasons"] == []
