@@ -29,7 +29,7 @@ from medsight.gateway.listener import ListenerConfig, StorageSCP
 from medsight.gateway.pipeline import ServiceStudyCallback
 from medsight.serve.worker import Worker
 
-from tests.integration.conftest import CT_STUDY, DATA, read, service_context
+from tests.integration.conftest import CT_STUDY, DATA, read, service_context, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -97,16 +97,6 @@ class OrthancServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-def wait_for(predicate, timeout: float, period: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture(scope="module")
