@@ -119,11 +119,16 @@ def worker(args: tuple[int, int, int, float, str]) -> dict:
     return {"outcomes": outcomes, "kinds": per_kind, "findings": findings, "peak_rss_mb": peak_mb}
 
 
+def worker_to_file(job: tuple[int, int, int, float, str]) -> None:
+    r = worker(job)
+    (Path(job[4]) / f"chunk{job[1]}.json").write_text(json.dumps(r))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=100_000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=2000)
+    ap.add_argument("--chunk", type=int, default=500)
     ap.add_argument("--memory-limit-gb", type=float, default=1.5)
     args = ap.parse_args()
     import tempfile
@@ -132,19 +137,36 @@ def main() -> None:
     jobs = [(i, s, min(args.chunk, args.cases - s), args.memory_limit_gb, tmp) for i, s in enumerate(range(0, args.cases, args.chunk))]
     t0 = time.time()
     outcomes, kinds, findings, peaks, crashed = Counter(), Counter(), [], [], 0
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
-        for r in pool.imap_unordered(worker, jobs):
+    ctx = mp.get_context("fork")  # the parent has imported nothing heavy; each chunk is a fresh process
+    lost: list[tuple[int, int]] = []  # (first case, exit code) of each chunk whose worker died (native abort, signal, memory)
+    todo, running = list(jobs), []
+    while todo or running:
+        while todo and len(running) < args.workers:
+            job = todo.pop(0)
+            proc = ctx.Process(target=worker_to_file, args=(job,))
+            proc.start()
+            running.append((job, proc))
+        time.sleep(0.05)
+        for job, proc in list(running):
+            if proc.is_alive():
+                continue
+            proc.join()
+            running.remove((job, proc))
+            out = Path(job[4]) / f"chunk{job[1]}.json"
+            if proc.exitcode != 0 or not out.exists():
+                lost.append((job[1], proc.exitcode))
+                continue
+            r = json.loads(out.read_text())
             outcomes.update(r["outcomes"]), kinds.update(r["kinds"])
             findings += r["findings"]
             peaks.append(r["peak_rss_mb"])
-            print(f"{sum(kinds.values())}/{args.cases} cases, {time.time() - t0:.0f} s", flush=True)
+            print(f"{sum(kinds.values())}/{args.cases} cases, {len(lost)} chunks lost, {time.time() - t0:.0f} s", flush=True)
     done = sum(kinds.values())
-    crashed = args.cases - done  # a worker killed by a signal never returns its chunk (Pool would hang; none did)
+    crashed = len(lost)
     result = {"cases": done, "requested": args.cases, "seconds": round(time.time() - t0, 1), "workers": args.workers,
               "memory_limit_gb": args.memory_limit_gb, "per_format": dict(kinds), "outcomes": dict(outcomes.most_common()),
               "findings": findings, "n_findings": sum(v for k, v in outcomes.items() if "finding" in k),
-              "crashed_cases": crashed, "peak_rss_mb_max": round(max(peaks), 1), "seeds": [n for _, n, _ in seeds()]}
+              "crashed_chunks": crashed, "crashed_chunk_first_cases": lost, "chunk": args.chunk, "peak_rss_mb_max": round(max(peaks), 1), "seeds": [n for _, n, _ in seeds()]}
     (OUT / "results.json").write_text(json.dumps(result, indent=2))
     lines = ["# Reader fuzz (issue 13)", "", f"    .venv/bin/python benchmarks/fuzz/run.py --cases {args.cases} --workers {args.workers}", "",
              f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {done:,} mutated inputs through `medsight.io.readers.read_image` "
@@ -152,7 +174,7 @@ def main() -> None:
              "(case number = seed), so any case can be replayed.", "",
              f"* per format: {', '.join(f'{k} {v:,}' for k, v in kinds.items())}",
              f"* findings (an exception other than MedSightError, or MemoryError): **{result['n_findings']}**",
-             f"* crashed workers / lost cases: **{crashed}**",
+             f"* worker processes killed (a chunk of {args.chunk} cases lost each; (first case, exit code): {lost[:20]}): **{crashed}**",
              f"* peak RSS of a worker: {result['peak_rss_mb_max']} MB (limit {args.memory_limit_gb * 1024:.0f} MB)", "",
              "| outcome | cases |", "|---|---:|"] + [f"| {k} | {v:,} |" for k, v in outcomes.most_common()]
     if findings:
