@@ -20,6 +20,7 @@ from rich.table import Table
 from medsight.errors import MedSightError
 from medsight.explain.overlay import save_overlay
 from medsight.io.samples import sample_entries, sample_path
+from medsight.models.policy import reported_finding
 from medsight.predict.load import load_model
 from medsight.predict.predictor import Predictor
 
@@ -62,7 +63,8 @@ def _print_table(rows: list[dict[str, Any]], console: Console) -> None:
             continue
         probs = "  ".join(f"{k} {v:.2f}" for k, v in r["probabilities"].items())
         colour = "yellow" if r["refer"] else "green"
-        t.add_row(r["sample"], r["model"], r["truth"] or "-", f"[{colour}]{r['label']}[/{colour}]", probs, r["statement"])
+        finding = reported_finding(r["label"], r["refer"]) or "refer to a human"  # never a label where none is reported
+        t.add_row(r["sample"], r["model"], r["truth"] or "-", f"[{colour}]{finding}[/{colour}]", probs, r["statement"])
     console.print(t)
 
 

@@ -173,6 +173,8 @@ def predict_cmd(
 def _print_prediction_table(rows: list[dict], labels: list[str]) -> None:
     from rich.table import Table
 
+    from medsight.models.policy import reported_finding
+
     t = Table(show_lines=False)
     t.add_column("file")
     t.add_column("finding")
@@ -185,7 +187,8 @@ def _print_prediction_table(rows: list[dict], labels: list[str]) -> None:
             t.add_row(name, "[red]ERROR[/red]", *[""] * len(labels), r["error"])
         else:
             style = "yellow" if r["refer"] else "green"
-            t.add_row(name, f"[{style}]{r['label']}[/{style}]", *[f"{r['probabilities'][lab]:.3f}" for lab in labels], r["statement"])
+            finding = reported_finding(r["label"], r["refer"]) or "refer to a human"  # never a label where none is reported
+            t.add_row(name, f"[{style}]{finding}[/{style}]", *[f"{r['probabilities'][lab]:.3f}" for lab in labels], r["statement"])
     out.print(t)
 
 
